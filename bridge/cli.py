@@ -1,0 +1,193 @@
+"""Commands (SPEC §6) and exit codes: 0 ok, 1 fatal, 78 configuration error.
+
+Owns argument parsing and what each command prints. Commands that read or change state
+open the store directly, so they work whether or not the daemon runs; the daemon picks
+their changes up within a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sqlite3
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from . import __version__, logs
+from .config import EX_CONFIG, Config, ConfigError, default_config_path, load_config
+from .store import DISABLED, ENABLED, StoreError, connect, webhook_rows
+
+EX_OK, EX_FAIL = 0, 1
+
+
+class Fatal(Exception):
+    """A fatal error reported as one clear line and exit 1."""
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(args.config or default_config_path())
+
+
+def _print_problems(error: ConfigError) -> None:
+    for problem in error.problems:
+        print(problem, file=sys.stderr)
+    count = len(error.problems)
+    print(f"{count} configuration problem{'s' if count != 1 else ''}; nothing was started",
+          file=sys.stderr)
+
+
+# -- commands --------------------------------------------------------------------------
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config = _load(args)
+    print(f"{config.path}: ok ({len(config.sources)} sources, "
+          f"{len(config.webhooks)} webhooks)")
+    return EX_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .daemon import run
+
+    config = _load(args)
+    logs.setup(config.log.format, args.log_level or config.log.level)
+    logs.register_secrets(logs.config_secrets(config))
+    return asyncio.run(run(config))
+
+
+def _open_store(config: Config) -> sqlite3.Connection:
+    return connect(config.store.path, config.store.durability)
+
+
+def _webhook_names(config: Config, conn: sqlite3.Connection) -> list[str]:
+    names = [w.name for w in config.webhooks]
+    names += sorted(set(webhook_rows(conn)) - set(names))
+    return names
+
+
+def status_rows(config: Config, conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    rows = webhook_rows(conn)
+    result = []
+    for name in _webhook_names(config, conn):
+        row = rows.get(name, {})
+        webhook = config.webhook(name)
+        state = row.get("state", ENABLED)
+        if webhook is not None and not webhook.enabled:
+            state = DISABLED
+        result.append({
+            "name": name,
+            "configured": webhook is not None,
+            "state": state,
+            "queued": row.get("queued", 0),
+            "delivered": row.get("delivered", 0),
+            "failed": row.get("failed", 0),
+            "dead": row.get("dead_letters", 0),
+            "dropped": row.get("dropped", 0),
+            "attempts": row.get("attempts", 0),
+            "consecutive_failures": row.get("consecutive_failures", 0),
+            "last_triggered": _ms(row.get("last_triggered")),
+            "last_error": row.get("last_error"),
+        })
+    return result
+
+
+def _ms(ts: float | None) -> int | None:
+    return int(ts * 1000) if ts is not None else None
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    config = _load(args)
+    conn = _open_store(config)
+    try:
+        rows = status_rows(config, conn)
+    finally:
+        conn.close()
+    if args.json:
+        print(json.dumps({"webhooks": rows}, indent=2))
+        return EX_OK
+    header = f"{'WEBHOOK':24} {'STATE':24} {'QUEUED':>7} {'DELIVERED':>9} {'FAILED':>7} " \
+             f"{'DEAD':>5} {'ATTEMPTS':>8} {'FAILS':>5}  LAST ERROR"
+    print(header)
+    for r in rows:
+        print(f"{r['name'][:24]:24} {r['state']:24} {r['queued']:>7} {r['delivered']:>9} "
+              f"{r['failed']:>7} {r['dead']:>5} {r['attempts']:>8} "
+              f"{r['consecutive_failures']:>5}  {(r['last_error'] or '-')[:60]}")
+    return EX_OK
+
+
+def _set_state(args: argparse.Namespace, state: str) -> int:
+    config = _load(args)
+    if config.webhook(args.name) is None:
+        raise Fatal(f"no webhook named {args.name!r} in {config.path}")
+    conn = _open_store(config)
+    try:
+        with conn:
+            now = time.time()
+            conn.execute("INSERT OR IGNORE INTO webhooks (name, created, modified) "
+                         "VALUES (?, ?, ?)", (args.name, now, now))
+            reset = ", consecutive_failures = 0" if state == ENABLED else ""
+            conn.execute(f"UPDATE webhooks SET state = ?, modified = ?{reset} WHERE name = ?",
+                         (state, now, args.name))
+    finally:
+        conn.close()
+    print(f"{args.name}: {state}")
+    return EX_OK
+
+
+def cmd_enable(args: argparse.Namespace) -> int:
+    return _set_state(args, ENABLED)
+
+
+def cmd_disable(args: argparse.Namespace) -> int:
+    return _set_state(args, DISABLED)
+
+
+# -- parser -----------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="webhook-bridge",
+        description="MQTT to webhook bridge with a durable SQLite queue.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--config", metavar="PATH",
+                        help="config file (default: $WEBHOOK_BRIDGE_CONFIG, then "
+                             "/etc/webhook-bridge/config.yaml)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], text: str
+            ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=text, description=text)
+        p.set_defaults(func=func)
+        return p
+
+    run = add("run", cmd_run, "run the daemon")
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    add("check", cmd_check, "validate the configuration and print every problem")
+    status = add("status", cmd_status, "per-webhook state and counters")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    for name, func, text in (("enable", cmd_enable, "enable a webhook (resume delivery)"),
+                             ("disable", cmd_disable, "disable a webhook (queue, send nothing)")):
+        add(name, func, text).add_argument("name", metavar="NAME")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as error:
+        _print_problems(error)
+        return EX_CONFIG
+    except (Fatal, StoreError) as error:
+        print(f"webhook-bridge: {logs.redact(str(error))}", file=sys.stderr)
+        return EX_FAIL
+    except KeyboardInterrupt:
+        return EX_FAIL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""Delivery: one HTTP attempt for one webhook, and what its outcome means.
+
+Owns the aiohttp session of each webhook (keep-alive pool sized to its ``concurrency``,
+TLS and mTLS, redirects never followed), the headers of SPEC §4 (``webhook-id``,
+``webhook-timestamp``, ``User-Agent``), auth (basic, bearer, header, OAuth2 client
+credentials with a cached token), signing, and the classification of a response or an
+exception into delivered / retry / dead / gone. When to attempt is :mod:`bridge.dispatch`'s
+business; what to send is :mod:`bridge.render`'s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import email.utils
+import ssl
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import yarl
+
+from . import __version__
+from .config import TLSConfig, WebhookConfig
+from .render import Request
+from .signing import SecretKeeper, signature_headers
+
+USER_AGENT = f"webhook-bridge/{__version__}"
+RETRY_AFTER_CAP = 3600.0
+EXCERPT = 1024
+RETRYABLE_STATUSES = frozenset({408, 425, 429}) | frozenset(range(500, 600))
+
+DELIVERED, RETRY, DEAD, GONE = "delivered", "retry", "dead", "gone"
+
+
+@dataclass(slots=True)
+class Outcome:
+    kind: str  # delivered | retry | dead | gone
+    status: int | None = None
+    cause: str = ""
+    retry_after: float | None = None
+    counts_as_failure: bool = False  # towards failure_limit
+    response: str | None = None  # body excerpt, for dead letters and `test`
+    headers: dict[str, str] | None = None
+    elapsed: float = 0.0
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` (delta-seconds or HTTP-date), capped at 1 h."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return min(float(value), RETRY_AFTER_CAP)
+    try:
+        moment = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if moment is None:
+        return None
+    delay = moment.timestamp() - (time.time() if now is None else now)
+    return min(max(delay, 0.0), RETRY_AFTER_CAP)
+
+
+def classify_response(status: int, headers: dict[str, str], excerpt: str) -> Outcome:
+    if 200 <= status < 300:
+        return Outcome(DELIVERED, status)
+    if headers.get("webhook-delivery", "").strip().lower() == "abort-message":
+        return Outcome(DEAD, status, f"HTTP {status} with webhook-delivery: abort-message",
+                       counts_as_failure=True, response=excerpt)
+    if status == 410:
+        return Outcome(GONE, status, "HTTP 410 Gone: the endpoint asked to stop",
+                       counts_as_failure=True, response=excerpt)
+    if status in RETRYABLE_STATUSES:
+        retry_after = parse_retry_after(headers.get("Retry-After")) \
+            if status in (429, 503) else None
+        return Outcome(RETRY, status, f"HTTP {status}", retry_after=retry_after,
+                       counts_as_failure=status != 429, response=excerpt)
+    if 300 <= status < 400:
+        location = headers.get("Location", "?")
+        return Outcome(DEAD, status, f"HTTP {status} redirect to {location} not followed; "
+                       "put the final URL in the webhook", counts_as_failure=True,
+                       response=excerpt)
+    return Outcome(DEAD, status, f"HTTP {status}", counts_as_failure=True, response=excerpt)
+
+
+def classify_exception(exc: BaseException) -> Outcome:
+    """Timeouts and connection errors are retried; they never count towards
+    ``failure_limit`` (the gateway may simply be offline), except TLS failures, which
+    mean the endpoint is misconfigured and will not heal by waiting."""
+    if isinstance(exc, (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError,
+                        ssl.SSLError)):
+        return Outcome(RETRY, None, f"TLS failure: {_describe(exc)}", counts_as_failure=True)
+    if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
+        return Outcome(RETRY, None, "timed out")
+    if isinstance(exc, (aiohttp.ClientError, OSError)):
+        return Outcome(RETRY, None, f"connection failed: {_describe(exc)}")
+    return Outcome(RETRY, None, f"unexpected error: {_describe(exc)}")
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if type(exc).__name__ in text else f"{type(exc).__name__}: {text}"
+
+
+def ssl_context(tls: TLSConfig | None) -> ssl.SSLContext:
+    """Verified TLS by default; ``ca_file`` adds a CA, ``cert_file``/``key_file`` is mTLS."""
+    context = ssl.create_default_context(cafile=tls.ca_file if tls else None)
+    if tls is not None:
+        if tls.cert_file:
+            context.load_cert_chain(tls.cert_file, tls.key_file)
+        if not tls.verify:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+class OAuth2Token:
+    """OAuth2 client credentials: one token request, cached until shortly before expiry."""
+
+    def __init__(self, webhook: WebhookConfig, session: aiohttp.ClientSession) -> None:
+        self.auth = webhook.auth
+        self.session = session
+        self.timeout = webhook.timeout
+        self._token: str | None = None
+        self._expires = 0.0
+        self._lock = asyncio.Lock()
+        self.fetches = 0
+
+    def invalidate(self, token: str) -> None:
+        if self._token == token:
+            self._token = None
+
+    async def get(self) -> str:
+        async with self._lock:
+            if self._token is not None and time.monotonic() < self._expires:
+                return self._token
+            form = {"grant_type": "client_credentials", "client_id": self.auth.client_id or "",
+                    "client_secret": self.auth.client_secret or ""}
+            if self.auth.scope:
+                form["scope"] = self.auth.scope
+            self.fetches += 1
+            async with self.session.post(self.auth.token_url or "", data=form,
+                                         allow_redirects=False,
+                                         timeout=aiohttp.ClientTimeout(total=self.timeout)
+                                         ) as response:
+                if response.status != 200:
+                    raise TokenError(f"token endpoint answered HTTP {response.status}",
+                                     response.status)
+                data = await response.json(content_type=None)
+            token = data.get("access_token") if isinstance(data, dict) else None
+            if not isinstance(token, str) or not token:
+                raise TokenError("token endpoint answered without an access_token", None)
+            lifetime = float(data.get("expires_in") or 3600)
+            self._token = token
+            self._expires = time.monotonic() + max(lifetime - min(30.0, lifetime / 10), 1.0)
+            return token
+
+
+class TokenError(Exception):
+    def __init__(self, message: str, status: int | None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Sender:
+    """Sends requests for one webhook over its own keep-alive connection pool."""
+
+    def __init__(self, webhook: WebhookConfig, secrets: SecretKeeper | None = None) -> None:
+        self.webhook = webhook
+        self.secrets = secrets
+        self.session: aiohttp.ClientSession | None = None
+        self.oauth2: OAuth2Token | None = None
+
+    async def start(self) -> None:
+        webhook = self.webhook
+        connector = aiohttp.TCPConnector(
+            limit=max(webhook.concurrency, 1) + 1, ssl=ssl_context(webhook.tls),
+            keepalive_timeout=60)
+        self.session = aiohttp.ClientSession(
+            connector=connector, cookie_jar=aiohttp.DummyCookieJar(),
+            timeout=aiohttp.ClientTimeout(total=webhook.timeout), auto_decompress=True,
+            skip_auto_headers=("User-Agent",))
+        if webhook.auth.type == "oauth2":
+            self.oauth2 = OAuth2Token(webhook, self.session)
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    def static_auth_headers(self) -> dict[str, str]:
+        auth = self.webhook.auth
+        if auth.type == "basic":
+            pair = f"{auth.username}:{auth.password}".encode()
+            return {"Authorization": "Basic " + base64.b64encode(pair).decode("ascii")}
+        if auth.type == "bearer":
+            return {"Authorization": f"Bearer {auth.token}"}
+        if auth.type == "header":
+            return {auth.name: auth.value or ""}
+        return {}
+
+    def final_headers(self, request: Request, msg_id: str, timestamp: int) -> dict[str, str]:
+        """The request's headers plus ids, auth and signature, in sending order."""
+        headers = dict(request.headers)
+        headers["webhook-id"] = msg_id
+        headers["webhook-timestamp"] = str(timestamp)
+        headers.update(self.static_auth_headers())
+        signing = self.webhook.signing
+        if signing is not None and self.secrets is not None:
+            keys = self.secrets.secrets_for(self.webhook.name, signing.secret)
+            headers.update(signature_headers(signing.scheme, signing.header, keys, msg_id,
+                                             timestamp, request.body))
+        return headers
+
+    async def send(self, request: Request, msg_id: str) -> Outcome:
+        """One attempt (plus one immediate retry with a fresh OAuth2 token after a 401)."""
+        assert self.session is not None, "Sender.start() first"
+        started = time.monotonic()
+        try:
+            outcome = await self._send_once(request, msg_id)
+        except TokenError as exc:
+            outcome = _token_outcome(exc)
+        except Exception as exc:
+            outcome = classify_exception(exc)
+        outcome.elapsed = time.monotonic() - started
+        return outcome
+
+    async def _send_once(self, request: Request, msg_id: str, refreshed: bool = False
+                         ) -> Outcome:
+        assert self.session is not None
+        headers = self.final_headers(request, msg_id, int(time.time()))
+        token = None
+        if self.oauth2 is not None:
+            token = await self.oauth2.get()
+            headers["Authorization"] = f"Bearer {token}"
+        async with self.session.request(
+                request.method, yarl.URL(request.url, encoded=True), data=request.body,
+                headers=headers, allow_redirects=False) as response:
+            excerpt = (await response.content.read(EXCERPT)).decode("utf-8", "replace")
+            response_headers = dict(response.headers)
+            status = response.status
+        if status == 401 and token is not None and not refreshed and self.oauth2 is not None:
+            self.oauth2.invalidate(token)
+            return await self._send_once(request, msg_id, refreshed=True)
+        outcome = classify_response(status, response_headers, excerpt)
+        outcome.headers = response_headers
+        if outcome.response is None:
+            outcome.response = excerpt
+        return outcome
+
+
+def _token_outcome(exc: TokenError) -> Outcome:
+    status = exc.status
+    if status is not None and 400 <= status < 500 and status not in RETRYABLE_STATUSES:
+        return Outcome(RETRY, status, f"OAuth2 {exc}", counts_as_failure=True)
+    return Outcome(RETRY, status, f"OAuth2 {exc}", counts_as_failure=status is not None
+                   and status != 429)
+
+
+def redact_url(url: str) -> str:
+    """A URL fit for a log line: user info removed."""
+    parsed: Any = yarl.URL(url, encoded=True)
+    if parsed.user or parsed.password:
+        parsed = parsed.with_user(None)
+    return str(parsed)

@@ -1,0 +1,115 @@
+"""The Event: the one data type that flows from a source through rules to delivery.
+
+Owns the envelope of SPEC §3 and the ids: ``evt_`` + a ULID (48-bit millisecond time,
+80 random bits, Crockford base32), monotonic within a millisecond so ids sort in the
+order they were made even when many arrive at once.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+INVALID = "invalid"
+
+
+class _Ulid:
+    """Monotonic ULID generator (a second id in the same ms increments the random part)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last_ms = -1
+        self._last_rand = 0
+
+    def new(self, now_ms: int | None = None) -> str:
+        ms = int(time.time() * 1000) if now_ms is None else now_ms
+        with self._lock:
+            if ms <= self._last_ms:
+                ms = self._last_ms
+                rand = self._last_rand + 1
+            else:
+                rand = int.from_bytes(os.urandom(10), "big") >> 1  # room to increment
+            self._last_ms, self._last_rand = ms, rand
+        value = (ms << 80) | rand
+        chars = []
+        for _ in range(26):
+            chars.append(_CROCKFORD[value & 31])
+            value >>= 5
+        return "".join(reversed(chars))
+
+
+_ulid = _Ulid()
+
+
+def new_id(prefix: str = "evt_") -> str:
+    """A unique, time-sortable id such as ``evt_01JD7X4Q3V5ZK8...``."""
+    return prefix + _ulid.new()
+
+
+def iso_now(ts: float | None = None) -> str:
+    """RFC 3339 UTC with milliseconds and a ``Z``: ``2026-11-22T10:00:00.123Z``."""
+    moment = datetime.fromtimestamp(time.time() if ts is None else ts, tz=timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+@dataclass(slots=True)
+class Event:
+    """One decoded message (or one of several a message yields), ready for matching."""
+
+    type: str
+    source: str
+    topic: str
+    payload: Any = None
+    device_id: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    id: str = field(default_factory=new_id)
+    received_at: str = field(default_factory=iso_now)
+    payload_raw: bytes | None = None
+    decode_error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Further top-level envelope fields a decoder adds (e.g. ``lwm2m``)."""
+
+    def envelope(self) -> dict[str, Any]:
+        """The SPEC §3 JSON object for this event (``envelope: event``)."""
+        body: dict[str, Any] = {
+            "id": self.id,
+            "type": self.type,
+            "source": self.source,
+            "topic": self.topic,
+            "device_id": self.device_id,
+            "received_at": self.received_at,
+            "labels": self.labels,
+        }
+        body.update(self.extra)
+        if self.decode_error is not None:
+            body["payload_raw"] = base64.b64encode(self.payload_raw or b"").decode("ascii")
+            body["decode_error"] = self.decode_error
+        else:
+            body["payload"] = self.payload
+        return body
+
+    @classmethod
+    def from_envelope(cls, body: dict[str, Any]) -> Event:
+        """Rebuild an event from its stored envelope (the inverse of :meth:`envelope`)."""
+        known = {"id", "type", "source", "topic", "device_id", "received_at", "labels",
+                 "payload", "payload_raw", "decode_error"}
+        raw = body.get("payload_raw")
+        return cls(
+            id=body["id"],
+            type=body["type"],
+            source=body.get("source", ""),
+            topic=body.get("topic", ""),
+            device_id=body.get("device_id"),
+            received_at=body.get("received_at", ""),
+            labels=dict(body.get("labels") or {}),
+            payload=body.get("payload"),
+            payload_raw=base64.b64decode(raw) if raw is not None else None,
+            decode_error=body.get("decode_error"),
+            extra={k: v for k, v in body.items() if k not in known},
+        )

@@ -1,0 +1,185 @@
+"""Rendering: a webhook plus its event(s) -> the exact HTTP request to send.
+
+Owns the URL (placeholders percent-encoded, only in path and query, so no device can
+change the host or add a path level), header templates (CR/LF refused), the body
+(envelope, ``payload_only``/``channel``, or a body template rendered on the parsed
+structure so a value can never leave its JSON string) and the batch shape. Signing and
+auth headers are added later by delivery; this module is pure.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.parse
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import WebhookConfig
+from .events import Event
+from .templates import Template, TemplateError, compile_template, lookup, to_text
+
+CONTENT_TYPES = {
+    "json": "application/json",
+    "form": "application/x-www-form-urlencoded",
+    "text": "text/plain; charset=utf-8",
+}
+
+
+class RenderError(ValueError):
+    """This event cannot be rendered for this webhook (a missing value, a bad header)."""
+
+
+@dataclass(slots=True)
+class Request:
+    method: str
+    url: str  # fully percent-encoded; send as is (yarl ``encoded=True``)
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+
+
+def encode_url_value(text: str) -> str:
+    """Percent-encode one placeholder value so it stays inside one path level or query
+    value: ``/``, ``?``, ``#``, ``@``, ``%`` and the like are all encoded, and a value that
+    is only dots (``.``/``..``) is encoded too so it can never be a relative path step."""
+    encoded = urllib.parse.quote(text, safe="")
+    if encoded and set(encoded) == {"."}:
+        encoded = encoded.replace(".", "%2E")
+    return encoded
+
+
+def dumps(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+class _BodyTemplate:
+    """A body template compiled once: every string in the structure is a template."""
+
+    def __init__(self, body: Any) -> None:
+        if isinstance(body, str):
+            try:
+                body = json.loads(body)
+            except json.JSONDecodeError:
+                pass  # a plain text template, rendered as one string
+        self.tree = self._compile(body)
+
+    def _compile(self, node: Any) -> Any:
+        if isinstance(node, str):
+            return compile_template(node)
+        if isinstance(node, dict):
+            return {self._compile_key(k): self._compile(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [self._compile(v) for v in node]
+        return node
+
+    @staticmethod
+    def _compile_key(key: Any) -> Any:
+        return compile_template(key) if isinstance(key, str) else key
+
+    def render(self, context: dict[str, Any]) -> Any:
+        return self._render(self.tree, context)
+
+    def _render(self, node: Any, context: dict[str, Any]) -> Any:
+        if isinstance(node, Template):
+            path = node.single
+            # A lone placeholder keeps the value's JSON type (number, object, ...).
+            return lookup(context, path) if path else node.render(context)
+        if isinstance(node, dict):
+            return {
+                (k.render(context) if isinstance(k, Template) else k): self._render(v, context)
+                for k, v in node.items()
+            }
+        if isinstance(node, list):
+            return [self._render(v, context) for v in node]
+        return node
+
+
+class Renderer:
+    """One webhook's request shape, compiled once per configuration."""
+
+    def __init__(self, webhook: WebhookConfig, user_agent: str) -> None:
+        self.webhook = webhook
+        parts = urllib.parse.urlsplit(webhook.url)
+        self._origin = f"{parts.scheme}://{parts.netloc}"
+        self._path = compile_template(parts.path or "/")
+        self._query = compile_template(parts.query) if parts.query else None
+        self._headers = {k: compile_template(v) for k, v in webhook.headers.items()}
+        self._body = _BodyTemplate(webhook.body) if webhook.body is not None else None
+        self._static_headers = {
+            "Content-Type": CONTENT_TYPES[webhook.content_type],
+            "User-Agent": user_agent,
+        }
+
+    def url(self, context: dict[str, Any]) -> str:
+        url = self._origin + self._path.render(context, encode_url_value)
+        if self._query is not None:
+            url += "?" + self._query.render(context, encode_url_value)
+        return url
+
+    def headers(self, context: dict[str, Any]) -> dict[str, str]:
+        headers = dict(self._static_headers)
+        for name, template in self._headers.items():
+            value = template.render(context)
+            if "\r" in value or "\n" in value or "\0" in value:
+                raise RenderError(f"header {name}: the value contains CR, LF or NUL; refused")
+            headers[name] = value
+        return headers
+
+    def body_value(self, event: Event, envelope: dict[str, Any]) -> Any:
+        """The JSON value this event contributes (the whole body, or one batch item)."""
+        webhook = self.webhook
+        if self._body is not None:
+            return self._body.render(envelope)
+        if webhook.payload_only:
+            payload = event.payload
+            if webhook.channel is not None:
+                if not isinstance(payload, dict) or "webhook_payload" not in payload:
+                    raise RenderError("payload_only with channel: the payload has no "
+                                      "webhook_payload field")
+                return payload["webhook_payload"]
+            return payload
+        if webhook.envelope == "payload":
+            return event.payload
+        if webhook.envelope == "iottly":
+            return {"msg": event.payload}
+        return envelope
+
+    def encode_body(self, value: Any) -> bytes:
+        kind = self.webhook.content_type
+        if kind == "json":
+            return dumps(value)
+        if kind == "form":
+            if not isinstance(value, dict):
+                raise RenderError("content_type form needs the body to be a mapping")
+            return urllib.parse.urlencode(
+                {str(k): to_text(v) for k, v in value.items() if v is not None}
+            ).encode("ascii")
+        return to_text(value).encode("utf-8")
+
+    def render(self, events: list[Event], batch_id: str | None = None) -> Request:
+        """The request for one event, or for a batch (``batch_id`` set)."""
+        try:
+            envelopes = [e.envelope() for e in events]
+            context = envelopes[0]
+            url = self.url(context)
+            headers = self.headers(context)
+            if batch_id is None:
+                value = self.body_value(events[0], context)
+            else:
+                value = {"batch_id": batch_id, "result": [
+                    _batch_item(i, e.id, self.body_value(e, env))
+                    for i, (e, env) in enumerate(zip(events, envelopes))
+                ]}
+            body = self.encode_body(value)
+        except TemplateError as exc:
+            raise RenderError(str(exc)) from None
+        return Request(self.webhook.method, url, headers, body)
+
+
+def _batch_item(index: int, event_id: str, value: Any) -> dict[str, Any]:
+    """Zerynth's ``{"id": "0", ...}`` item; the event's own id moves to ``event_id``."""
+    item: dict[str, Any] = {"id": str(index), "event_id": event_id}
+    if isinstance(value, dict):
+        item.update((k, v) for k, v in value.items() if k != "id")
+    else:
+        item["payload"] = value
+    return item

@@ -1,0 +1,69 @@
+"""Matching: which webhooks want an event (sources, events, channel, fleets, tags, filter).
+
+Owns the compiled form of each webhook's selection and the one question asked of it per
+event. ``invalid`` events go only to webhooks that list that type by name: a glob such as
+``*`` never sends undecodable payloads to an endpoint that did not ask for them.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from typing import Any
+
+import jmespath
+
+from .config import WebhookConfig
+from .events import INVALID, Event
+
+
+class Rule:
+    """A webhook's selection, compiled once per configuration."""
+
+    def __init__(self, webhook: WebhookConfig) -> None:
+        self.name = webhook.name
+        self.sources = frozenset(webhook.sources) if webhook.sources is not None else None
+        self.events = (
+            re.compile("|".join(fnmatch.translate(g) for g in webhook.events))
+            if webhook.events is not None else None
+        )
+        self.wants_invalid = webhook.events is not None and INVALID in webhook.events
+        self.channel = webhook.channel
+        self.fleets = frozenset(webhook.fleets) if webhook.fleets is not None else None
+        self.tags = frozenset(webhook.tags) if webhook.tags is not None else None
+        self.filter = jmespath.compile(webhook.filter) if webhook.filter else None
+
+    def matches(self, event: Event, envelope: dict[str, Any] | None = None) -> bool:
+        if self.sources is not None and event.source not in self.sources:
+            return False
+        if event.type == INVALID:
+            if not self.wants_invalid:
+                return False
+        elif self.events is not None and not self.events.match(event.type):
+            return False
+        if self.channel is not None:
+            payload = event.payload
+            if not isinstance(payload, dict) or payload.get("webhook_channel") != self.channel:
+                return False
+        if self.fleets is not None and event.labels.get("fleet") not in self.fleets:
+            return False
+        if self.tags is not None and event.labels.get("tag") not in self.tags:
+            return False
+        if self.filter is not None:
+            try:
+                return bool(self.filter.search(envelope or event.envelope()))
+            except jmespath.exceptions.JMESPathError:
+                return False
+        return True
+
+
+class RuleSet:
+    """All enabled webhooks' rules; ``match`` names the webhooks an event goes to."""
+
+    def __init__(self, webhooks: tuple[WebhookConfig, ...]) -> None:
+        self.rules = [Rule(w) for w in webhooks]
+        self._any_filter = any(r.filter is not None for r in self.rules)
+
+    def match(self, event: Event) -> list[str]:
+        envelope = event.envelope() if self._any_filter else None
+        return [r.name for r in self.rules if r.matches(event, envelope)]

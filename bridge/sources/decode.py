@@ -1,0 +1,128 @@
+"""Decoding: one MQTT message on one source -> the events it yields.
+
+Owns the payload formats (``json``, ``text``, ``binary`` here; ``senml``, ``senml-cbor`` and
+``lwm2m-emqx`` through their modules), the source's ``type`` and ``labels`` templates, and
+the rule that nothing is dropped silently: a payload that does not decode becomes an
+``invalid`` event carrying ``payload_raw`` and ``decode_error``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Callable
+from typing import Any
+
+from ..config import SourceConfig
+from ..events import INVALID, Event, iso_now
+from ..templates import Template, TemplateError, compile_template
+from .topics import TopicTemplate
+
+
+class DecodeError(ValueError):
+    """The payload is not valid in the source's format."""
+
+
+def _json(data: bytes) -> Any:
+    try:
+        return json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DecodeError(f"not JSON: {exc}") from None
+
+
+def _text(data: bytes) -> Any:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DecodeError(f"not UTF-8 text: {exc}") from None
+
+
+def _binary(data: bytes) -> Any:
+    return base64.b64encode(data).decode("ascii")
+
+
+PayloadDecoder = Callable[[bytes], Any]
+_SIMPLE: dict[str, PayloadDecoder] = {"json": _json, "text": _text, "binary": _binary}
+
+
+def _senml(cbor: bool) -> PayloadDecoder:
+    def decode(data: bytes) -> Any:
+        from . import senml
+
+        try:
+            return senml.decode_senml_cbor(data) if cbor else senml.decode_senml_json(data)
+        except ValueError as exc:
+            raise DecodeError(str(exc)) from None
+
+    return decode
+
+
+class SourceDecoder:
+    """Everything needed to turn a message on one source into events, compiled once."""
+
+    def __init__(self, source: SourceConfig) -> None:
+        self.source = source
+        self.topic = TopicTemplate.parse(source.topic)
+        self.type_template: Template = compile_template(source.type)
+        self.label_templates = {k: compile_template(v) for k, v in source.labels.items()}
+        self._lwm2m: Any = None
+        if source.format == "lwm2m-emqx":
+            from .lwm2m import Lwm2mDecoder
+
+            self._lwm2m = Lwm2mDecoder()
+            self._decode = None
+        elif source.format in ("senml", "senml-cbor"):
+            self._decode = _senml(source.format == "senml-cbor")
+        else:
+            self._decode = _SIMPLE[source.format]
+
+    def events(self, topic: str, payload: bytes, captures: dict[str, str]) -> list[Event]:
+        device_id = captures.get("device_id")
+        labels = {k: v for k, v in captures.items() if k != "device_id"}
+        received_at = iso_now()
+        if self._lwm2m is not None:
+            return self._lwm2m_events(topic, payload, device_id, labels, received_at)
+        try:
+            decoded = self._decode(payload)  # type: ignore[misc]
+        except DecodeError as exc:
+            return [self._invalid(topic, payload, device_id, labels, received_at, str(exc))]
+        event = Event(type="", source=self.source.name, topic=topic, payload=decoded,
+                      device_id=device_id, labels=labels, received_at=received_at)
+        return [self._finish(event, payload)]
+
+    def _lwm2m_events(self, topic: str, payload: bytes, device_id: str | None,
+                      labels: dict[str, str], received_at: str) -> list[Event]:
+        from .lwm2m import DecodeError as Lwm2mDecodeError
+
+        try:
+            decoded = self._lwm2m.decode(device_id or "", payload)
+        except (Lwm2mDecodeError, ValueError) as exc:
+            return [self._invalid(topic, payload, device_id, labels, received_at, str(exc))]
+        events = []
+        for item in decoded:
+            extra = {"lwm2m": item.lwm2m} if item.lwm2m is not None else {}
+            event = Event(type=item.type, source=self.source.name, topic=topic,
+                          payload=item.payload, device_id=device_id, labels=dict(labels),
+                          received_at=received_at, extra=extra)
+            events.append(self._finish(event, payload, keep_type=True))
+        return events
+
+    def _finish(self, event: Event, raw: bytes, keep_type: bool = False) -> Event:
+        """Apply the type and label templates; a template the payload cannot fill makes
+        the event ``invalid`` rather than losing it."""
+        context = event.envelope()
+        try:
+            if not keep_type:
+                event.type = self.type_template.render(context)
+            for name, template in self.label_templates.items():
+                event.labels[name] = template.render(context)
+        except TemplateError as exc:
+            return self._invalid(event.topic, raw, event.device_id, event.labels,
+                                 event.received_at, f"source {self.source.name}: {exc}")
+        return event
+
+    def _invalid(self, topic: str, raw: bytes, device_id: str | None,
+                 labels: dict[str, str], received_at: str, error: str) -> Event:
+        return Event(type=INVALID, source=self.source.name, topic=topic, device_id=device_id,
+                     labels=labels, received_at=received_at, payload_raw=raw,
+                     decode_error=error)

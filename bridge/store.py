@@ -1,0 +1,386 @@
+"""The durable queue: SQLite in WAL mode, written in group commits.
+
+Owns every byte on disk: queued deliveries (one row per event and webhook, carrying the
+event's JSON so a delivery is self-contained and is gone in one DELETE when it succeeds),
+dead letters, per-webhook state and counters, and the group commit. One writer thread owns
+the write connection; every change is an *operation* (a function of the connection)
+submitted to :class:`Store`, and all operations submitted while the previous commit was
+being made are applied in one transaction and one fsync. A caller's future resolves only
+after its operation is committed, which is what lets the MQTT source acknowledge a message
+only once it is safe on disk. Reads use a second connection in their own thread, so a
+slow fsync never blocks them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Collection, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import structlog
+
+log = structlog.get_logger("bridge.store")
+T = TypeVar("T")
+
+ENABLED, DISABLED, DISABLED_DUE_TO_ERRORS = "ENABLED", "DISABLED", "DISABLED_DUE_TO_ERRORS"
+ROW_OVERHEAD = 96  # bytes a delivery row costs beyond its event JSON (ids, times, index)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS deliveries (
+    id INTEGER PRIMARY KEY,
+    webhook TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    device_id TEXT,
+    event BLOB NOT NULL,
+    created REAL NOT NULL,
+    due REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_status INTEGER,
+    last_error TEXT,
+    batch_id TEXT
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (webhook, due, id);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id INTEGER PRIMARY KEY,
+    webhook TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    device_id TEXT,
+    event BLOB NOT NULL,
+    created REAL NOT NULL,
+    died REAL NOT NULL,
+    attempts INTEGER NOT NULL,
+    last_status INTEGER,
+    reason TEXT NOT NULL,
+    response TEXT
+);
+CREATE INDEX IF NOT EXISTS dead_letters_webhook ON dead_letters (webhook, id);
+CREATE TABLE IF NOT EXISTS webhooks (
+    name TEXT PRIMARY KEY,
+    state TEXT NOT NULL DEFAULT 'ENABLED',
+    consecutive_failures INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    delivered INTEGER NOT NULL DEFAULT 0,
+    failed INTEGER NOT NULL DEFAULT 0,
+    dead INTEGER NOT NULL DEFAULT 0,
+    dropped INTEGER NOT NULL DEFAULT 0,
+    last_triggered REAL,
+    last_error TEXT,
+    created REAL,
+    modified REAL
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+"""
+SCHEMA_VERSION = "1"
+
+
+class StoreError(Exception):
+    """The store cannot be opened or written (disk full, permissions, corruption)."""
+
+
+@dataclass(slots=True)
+class Delivery:
+    id: int
+    webhook: str
+    event_id: str
+    device_id: str | None
+    event: bytes
+    created: float
+    due: float
+    attempts: int
+    batch_id: str | None
+
+
+@dataclass(slots=True)
+class NewDelivery:
+    webhook: str
+    event_id: str
+    device_id: str | None
+    event: bytes
+
+
+_DELIVERY_COLUMNS = "id, webhook, event_id, device_id, event, created, due, attempts, batch_id"
+
+Operation = Callable[[sqlite3.Connection], Any]
+
+
+def connect(path: str, durability: str = "power_loss") -> sqlite3.Connection:
+    """Open (and create) the database with the pragmas our guarantees rest on."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(directory, exist_ok=True)
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
+                               timeout=30.0)
+        conn.execute("PRAGMA journal_mode=WAL")
+        # FULL fsyncs the WAL at every commit (survives power loss); NORMAL survives a
+        # process crash and leaves the fsync to checkpoints.
+        sync = "FULL" if durability == "power_loss" else "NORMAL"
+        conn.execute(f"PRAGMA synchronous={sync}")
+        conn.execute("PRAGMA busy_timeout=30000")
+        conn.executescript(_SCHEMA)
+        conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)",
+                     (SCHEMA_VERSION,))
+    except (sqlite3.Error, OSError) as exc:
+        raise StoreError(f"cannot open the queue database {path}: {exc}") from exc
+    return conn
+
+
+class Store:
+    """The queue: group-committed writes and non-blocking reads, from asyncio."""
+
+    def __init__(self, path: str, durability: str = "power_loss") -> None:
+        self.path = path
+        self.durability = durability
+        self._writer = connect(path, durability)
+        self._reader = connect(path, durability)
+        self._write_thread = ThreadPoolExecutor(1, thread_name_prefix="store-writer")
+        self._read_thread = ThreadPoolExecutor(1, thread_name_prefix="store-reader")
+        self._pending: list[tuple[Operation, asyncio.Future[Any]]] = []
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self.commits = 0
+        self.bytes_queued = self._measure(self._writer)
+
+    @staticmethod
+    def _measure(conn: sqlite3.Connection) -> int:
+        row = conn.execute(
+            "SELECT COALESCE(SUM(LENGTH(event)), 0) + COUNT(*) * ? FROM deliveries",
+            (ROW_OVERHEAD,),
+        ).fetchone()
+        return int(row[0])
+
+    # -- the group commit -------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._wake = asyncio.Event()
+        self._task = asyncio.create_task(self._commit_loop(), name="store-commit")
+
+    def submit(self, operation: Operation) -> asyncio.Future[Any]:
+        """Queue ``operation`` for the next group commit; the future resolves after it."""
+        if self._closed or self._wake is None:
+            raise StoreError("the store is closed")
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append((operation, future))
+        self._wake.set()
+        return future
+
+    async def write(self, operation: Callable[[sqlite3.Connection], T]) -> T:
+        return await self.submit(operation)
+
+    async def read(self, query: Callable[[sqlite3.Connection], T]) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._read_thread, query, self._reader)
+
+    async def _commit_loop(self) -> None:
+        assert self._wake is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            batch, self._pending = self._pending, []
+            if not batch:
+                if self._closed:
+                    return
+                continue
+            outcomes = await loop.run_in_executor(self._write_thread, self._apply, batch)
+            for (_, future), (ok, value) in zip(batch, outcomes):
+                if future.done():
+                    continue
+                if ok:
+                    future.set_result(value)
+                else:
+                    future.set_exception(value)
+
+    def _apply(self, batch: list[tuple[Operation, asyncio.Future[Any]]]
+               ) -> list[tuple[bool, Any]]:
+        """Apply a group in one transaction; if any operation fails, fall back to one
+        transaction each so one bad operation cannot fail its neighbours."""
+        conn = self._writer
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            results = [(True, op(conn)) for op, _ in batch]
+            conn.execute("COMMIT")
+            self.commits += 1
+            return results
+        except Exception:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            self.bytes_queued = self._measure(conn)
+        outcomes: list[tuple[bool, Any]] = []
+        for op, _ in batch:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                value = op(conn)
+                conn.execute("COMMIT")
+                outcomes.append((True, value))
+            except Exception as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                self.bytes_queued = self._measure(conn)
+                error = exc if not isinstance(exc, sqlite3.Error) else StoreError(
+                    f"queue database {self.path}: {exc}")
+                outcomes.append((False, error))
+        return outcomes
+
+    async def close(self) -> None:
+        """Commit what is pending, then close both connections."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._wake is not None and self._task is not None:
+            self._wake.set()
+            await self._task
+        self._write_thread.submit(self._writer.close).result()
+        self._read_thread.submit(self._reader.close).result()
+        self._write_thread.shutdown()
+        self._read_thread.shutdown()
+
+    # -- operations (run in the writer thread, inside a transaction) -------------------
+
+    def op_enqueue(self, items: list[NewDelivery], now: float | None = None) -> Operation:
+        def enqueue(conn: sqlite3.Connection) -> int:
+            ts = time.time() if now is None else now
+            conn.executemany(
+                "INSERT INTO deliveries (webhook, event_id, device_id, event, created, due)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                [(d.webhook, d.event_id, d.device_id, d.event, ts, ts) for d in items],
+            )
+            self.bytes_queued += sum(len(d.event) + ROW_OVERHEAD for d in items)
+            return len(items)
+
+        return enqueue
+
+    def op_delivered(self, webhook: str, ids: list[int], now: float) -> Operation:
+        def delivered(conn: sqlite3.Connection) -> None:
+            self._delete(conn, ids)
+            _ensure_webhook(conn, webhook)
+            conn.execute(
+                "UPDATE webhooks SET delivered = delivered + ?, attempts = attempts + 1,"
+                " consecutive_failures = 0, last_triggered = ?, last_error = NULL"
+                " WHERE name = ?", (len(ids), now, webhook))
+
+        return delivered
+
+    def op_retry(self, webhook: str, ids: list[int], due: float | None, status: int | None,
+                 error: str, counts_as_failure: bool, now: float) -> Operation:
+        """An attempt failed in a way worth retrying: keep the rows, note the cause.
+        ``due`` None keeps each row's place in line (the webhook-level backoff decides
+        when the next probe goes out)."""
+        def retry(conn: sqlite3.Connection) -> int:
+            conn.executemany(
+                "UPDATE deliveries SET attempts = attempts + 1, last_status = ?,"
+                " last_error = ?, due = COALESCE(?, due) WHERE id = ?",
+                [(status, error, due, i) for i in ids])
+            return self._note_failure(conn, webhook, error, counts_as_failure, now)
+
+        return retry
+
+    def op_dead(self, webhook: str, ids: list[int], reason: str, status: int | None,
+                response: str | None, now: float, attempted: bool = True,
+                counts_as_failure: bool = False) -> Operation:
+        """Move deliveries to the dead letters (counting the attempt that killed them)."""
+        def dead(conn: sqlite3.Connection) -> int:
+            extra = 1 if attempted else 0
+            conn.executemany(
+                "INSERT INTO dead_letters (webhook, event_id, device_id, event, created,"
+                " died, attempts, last_status, reason, response)"
+                " SELECT webhook, event_id, device_id, event, created, ?, attempts + ?,"
+                " COALESCE(?, last_status), ?, ? FROM deliveries WHERE id = ?",
+                [(now, extra, status, reason, response, i) for i in ids])
+            self._delete(conn, ids)
+            failures = 0
+            if attempted:
+                failures = self._note_failure(conn, webhook, reason, counts_as_failure, now)
+            conn.execute("UPDATE webhooks SET dead = dead + ? WHERE name = ?",
+                         (len(ids), webhook))
+            return failures
+
+        return dead
+
+    def op_set_state(self, webhook: str, state: str, reason: str | None = None) -> Operation:
+        def set_state(conn: sqlite3.Connection) -> None:
+            _ensure_webhook(conn, webhook)
+            reset = ", consecutive_failures = 0" if state == ENABLED else ""
+            conn.execute(
+                f"UPDATE webhooks SET state = ?, modified = ?,"
+                f" last_error = COALESCE(?, last_error){reset} WHERE name = ?",
+                (state, time.time(), reason, webhook))
+
+        return set_state
+
+    def _note_failure(self, conn: sqlite3.Connection, webhook: str, error: str,
+                      counts: bool, now: float) -> int:
+        _ensure_webhook(conn, webhook)
+        conn.execute(
+            "UPDATE webhooks SET attempts = attempts + 1, failed = failed + 1,"
+            " last_triggered = ?, last_error = ?,"
+            " consecutive_failures = consecutive_failures + ? WHERE name = ?",
+            (now, error, 1 if counts else 0, webhook))
+        row = conn.execute("SELECT consecutive_failures FROM webhooks WHERE name = ?",
+                           (webhook,)).fetchone()
+        return int(row[0])
+
+    def _delete(self, conn: sqlite3.Connection, ids: list[int]) -> None:
+        for chunk in _chunks(ids, 500):
+            marks = ",".join("?" * len(chunk))
+            row = conn.execute(
+                f"SELECT COALESCE(SUM(LENGTH(event)), 0) + COUNT(*) * ? FROM deliveries"
+                f" WHERE id IN ({marks})", (ROW_OVERHEAD, *chunk)).fetchone()
+            conn.execute(f"DELETE FROM deliveries WHERE id IN ({marks})", chunk)
+            self.bytes_queued -= int(row[0])
+
+    # -- queries (run in the reader thread) ---------------------------------------------
+
+    @staticmethod
+    def q_due(webhook: str, now: float, limit: int, exclude: Collection[int]
+              ) -> Callable[[sqlite3.Connection], list[Delivery]]:
+        def due(conn: sqlite3.Connection) -> list[Delivery]:
+            rows = conn.execute(
+                f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE webhook = ? AND due <= ?"
+                " ORDER BY due, id LIMIT ?", (webhook, now, limit + len(exclude))).fetchall()
+            return [Delivery(*r) for r in rows if r[0] not in exclude][:limit]
+
+        return due
+
+    @staticmethod
+    def q_next_due(webhook: str, exclude: Collection[int] = ()
+                   ) -> Callable[[sqlite3.Connection], float | None]:
+        def next_due(conn: sqlite3.Connection) -> float | None:
+            ids = list(exclude)
+            marks = ",".join("?" * len(ids))
+            row = conn.execute(f"SELECT MIN(due) FROM deliveries WHERE webhook = ?"
+                               f" AND id NOT IN ({marks})", (webhook, *ids)).fetchone()
+            return row[0]
+
+        return next_due
+
+
+def _ensure_webhook(conn: sqlite3.Connection, name: str) -> None:
+    conn.execute("INSERT OR IGNORE INTO webhooks (name, created, modified) VALUES (?, ?, ?)",
+                 (name, time.time(), time.time()))
+
+
+def _chunks(items: list[int], size: int) -> Iterable[list[int]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def webhook_rows(conn: sqlite3.Connection) -> dict[str, dict[str, Any]]:
+    """Per-webhook state and counters plus queued counts, for status and the admin API."""
+    conn.row_factory = sqlite3.Row
+    try:
+        rows = {r["name"]: dict(r) for r in conn.execute("SELECT * FROM webhooks")}
+        for name, queued in conn.execute(
+                "SELECT webhook, COUNT(*) FROM deliveries GROUP BY webhook"):
+            rows.setdefault(name, {"name": name, "state": ENABLED})["queued"] = queued
+        for name, dead in conn.execute(
+                "SELECT webhook, COUNT(*) FROM dead_letters GROUP BY webhook"):
+            rows.setdefault(name, {"name": name, "state": ENABLED})["dead_letters"] = dead
+    finally:
+        conn.row_factory = None
+    return rows
