@@ -160,20 +160,21 @@ async def test_sigkill_while_messages_flow_loses_nothing(
         tmp_path: Path, mosquitto: Mosquitto, endpoint: Endpoint, certs: Certificates) -> None:
     config = base_config(tmp_path, mosquitto, [https_webhook("cloud", endpoint, certs)])
     publisher = Publisher(mosquitto.port)
-    rng = random.Random(7)
+    rng = random.Random()
     daemon = Daemon(tmp_path, config).start()
     try:
         await started(daemon)
         for round_no in range(3):
             base = round_no * 2000
-            infos = [publisher.publish("devices/d1/telemetry", {"seq": base + i})
-                     for i in range(2000)]
-            # Kill at a random moment while this round's messages flow.
-            kill_after = rng.randint(50, 1500)
-            await wait_for(lambda k=kill_after, b=base: sum(
-                1 for s in seqs(endpoint.requests) if s >= b) >= k, 60, "messages to flow")
+            # Publish at ~2,000 msg/s from a thread and SIGKILL the daemon at a random
+            # moment in the middle, while messages are between the broker and the disk.
+            publishing = asyncio.create_task(asyncio.to_thread(
+                paced_publish, publisher, range(base, base + 2000), 2000.0))
+            await wait_for(lambda b=base: len(seqs(endpoint.requests)) > b, 30,
+                           "the round's first deliveries")
+            await asyncio.sleep(rng.uniform(0.05, 0.6))  # the random moment, not a sync
             daemon.kill()
-            await asyncio.to_thread(lambda i=infos: [x.wait_for_publish(30) for x in i])
+            await publishing
             daemon = await started(Daemon(tmp_path, config).start())
             await wait_for(lambda b=base: set(range(b, b + 2000)) <= set(
                 seqs(endpoint.requests)), 90, f"every message of round {round_no}")
@@ -181,6 +182,18 @@ async def test_sigkill_while_messages_flow_loses_nothing(
         assert daemon.terminate() == 0
     finally:
         publisher.close()
+
+
+def paced_publish(publisher: Publisher, numbers: range, rate: float) -> None:
+    start = time.monotonic()
+    infos = []
+    for n, seq in enumerate(numbers):
+        infos.append(publisher.publish("devices/d1/telemetry", {"seq": seq}))
+        ahead = start + n / rate - time.monotonic()
+        if ahead > 0:
+            time.sleep(ahead)
+    for info in infos:
+        info.wait_for_publish(30)
 
 
 async def test_messages_published_while_down_arrive_after_start(
