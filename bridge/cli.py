@@ -171,6 +171,23 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, text in (("enable", cmd_enable, "enable a webhook (resume delivery)"),
                              ("disable", cmd_disable, "disable a webhook (queue, send nothing)")):
         add(name, func, text).add_argument("name", metavar="NAME")
+
+    from . import tools
+
+    test = add("test", tools.cmd_test, "send one sample event through a webhook and print "
+               "the request and the response")
+    test.add_argument("name", metavar="NAME")
+    test.add_argument("--event", metavar="FILE", help="a JSON event (or payload) to send")
+    test.add_argument("--dry-run", action="store_true", help="print the request, send nothing")
+    secret = add("secret", tools.cmd_secret, "show or rotate a webhook's signing secret")
+    secret.add_argument("action", choices=["show", "rotate"])
+    secret.add_argument("name", metavar="NAME")
+    listen = add("listen", tools.cmd_listen, "a local receiver that prints deliveries and "
+                 "verifies their signatures")
+    listen.add_argument("--port", type=int, default=8080)
+    listen.add_argument("--host", default="127.0.0.1")
+    listen.add_argument("--secret", metavar="S", help="verify signatures with this secret")
+    add("demo", tools.cmd_demo, "embedded broker + bridge + receiver + simulated device, live")
     return parser
 
 

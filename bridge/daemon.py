@@ -19,9 +19,10 @@ from typing import Any
 import structlog
 
 from .config import Config, WebhookConfig
-from .delivery import USER_AGENT, Sender
+from .delivery import USER_AGENT, Outcome, Sender
 from .dispatch import WebhookWorker, status_notice
 from .events import Event
+from .metrics import Metrics
 from .render import Renderer
 from .rules import RuleSet
 from .signing import SecretKeeper
@@ -59,6 +60,33 @@ class Bridge:
         self._tasks: list[asyncio.Task[Any]] = []
         self.stopped = asyncio.Event()
         self.events_accepted = 0
+        self.metrics = Metrics()
+        self.admin: Any = None
+
+    # -- what the admin server and systemd notify read ---------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """Connected to the broker and the store writable (``/readyz``)."""
+        return self.source.connected.is_set() and not self.store.failed
+
+    async def reload(self) -> None:
+        """Re-read the configuration from disk and apply it live; raise ConfigError and
+        keep the running configuration when the new one is bad."""
+        raise NotImplementedError
+
+    async def test_send(self, name: str, event: Event) -> Outcome:
+        """Send ``event`` through webhook ``name`` now, outside the queue."""
+        webhook = self.config.webhook(name)
+        if webhook is None:
+            raise KeyError(name)
+        sender = Sender(webhook, self.secrets)
+        await sender.start()
+        try:
+            request = Renderer(webhook, USER_AGENT).render([event])
+            return await sender.send(request, event.id)
+        finally:
+            await sender.close()
 
     # -- the per-message path -----------------------------------------------------------
 

@@ -143,6 +143,7 @@ class Store:
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self.failed = False  # the last group commit failed (disk full, I/O error)
         self.commits = 0
         self.bytes_queued = self._measure(self._writer)
 
