@@ -14,11 +14,30 @@ import sqlite3
 import sys
 import time
 from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
 from typing import Any
 
 from . import __version__, logs
-from .config import EX_CONFIG, Config, ConfigError, default_config_path, load_config
-from .store import DISABLED, ENABLED, StoreError, connect, webhook_rows
+from .config import (
+    EX_CONFIG,
+    Config,
+    ConfigError,
+    default_config_path,
+    load_config,
+    parse_duration,
+)
+from .events import iso_now
+from .store import (
+    DISABLED,
+    ENABLED,
+    StoreError,
+    connect,
+    dead_list,
+    dead_purge,
+    dead_replay,
+    set_state,
+    webhook_rows,
+)
 
 EX_OK, EX_FAIL = 0, 1
 
@@ -81,6 +100,7 @@ def status_rows(config: Config, conn: sqlite3.Connection) -> list[dict[str, Any]
             "configured": webhook is not None,
             "state": state,
             "queued": row.get("queued", 0),
+            "in_flight": row.get("in_flight", 0),
             "delivered": row.get("delivered", 0),
             "failed": row.get("failed", 0),
             "dead": row.get("dead_letters", 0),
@@ -123,13 +143,7 @@ def _set_state(args: argparse.Namespace, state: str) -> int:
         raise Fatal(f"no webhook named {args.name!r} in {config.path}")
     conn = _open_store(config)
     try:
-        with conn:
-            now = time.time()
-            conn.execute("INSERT OR IGNORE INTO webhooks (name, created, modified) "
-                         "VALUES (?, ?, ?)", (args.name, now, now))
-            reset = ", consecutive_failures = 0" if state == ENABLED else ""
-            conn.execute(f"UPDATE webhooks SET state = ?, modified = ?{reset} WHERE name = ?",
-                         (state, now, args.name))
+        set_state(conn, args.name, state)
     finally:
         conn.close()
     print(f"{args.name}: {state}")
@@ -142,6 +156,72 @@ def cmd_enable(args: argparse.Namespace) -> int:
 
 def cmd_disable(args: argparse.Namespace) -> int:
     return _set_state(args, DISABLED)
+
+
+def _since(text: str | None) -> float | None:
+    """``--since``: a duration ago (``2h``, ``7d``) or an ISO 8601 time."""
+    if text is None:
+        return None
+    try:
+        return time.time() - parse_duration(text)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise Fatal(f"--since {text!r}: give a duration such as 2h or 7d, or an ISO time "
+                    "such as 2026-11-22T10:00:00Z") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.timestamp()
+
+
+def _iso(ts: float | None) -> str | None:
+    return iso_now(ts) if ts is not None else None
+
+
+def cmd_dead(args: argparse.Namespace) -> int:
+    config = _load(args)
+    if args.webhook is not None and config.webhook(args.webhook) is None:
+        print(f"note: {args.webhook!r} is not in {config.path} (listing stored rows anyway)",
+              file=sys.stderr)
+    conn = _open_store(config)
+    try:
+        since = _since(args.since)
+        ids = [int(i) for i in args.ids] if args.ids else None
+        if args.action in ("list", "show"):
+            rows = dead_list(conn, args.webhook, since, ids, with_event=args.action == "show")
+            _print_dead(rows, args.action, args.json)
+        elif args.action == "replay":
+            count = dead_replay(conn, args.webhook, since, ids)
+            print(f"re-queued {count} dead letter{'s' if count != 1 else ''}")
+        else:
+            if not (args.webhook or since or ids or args.all):
+                raise Fatal("purge deletes dead letters for good: name --webhook, --since, "
+                            "ids, or --all")
+            count = dead_purge(conn, args.webhook, since, ids)
+            print(f"purged {count} dead letter{'s' if count != 1 else ''}")
+    finally:
+        conn.close()
+    return EX_OK
+
+
+def _print_dead(rows: list[dict[str, Any]], action: str, as_json: bool) -> None:
+    for row in rows:
+        row["created"], row["died"] = _iso(row["created"]), _iso(row["died"])
+        if "event" in row:
+            row["event"] = json.loads(row["event"])
+    if as_json or action == "show":
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+        return
+    print(f"{'ID':>6} {'WEBHOOK':20} {'DIED':24} {'ATTEMPTS':>8} {'STATUS':>6}  "
+          "REASON / RESPONSE")
+    for r in rows:
+        response = (r["response"] or "").replace("\n", " ")[:40]
+        print(f"{r['id']:>6} {r['webhook'][:20]:20} {r['died']:24} {r['attempts']:>8} "
+              f"{r['last_status'] or '-':>6}  {r['reason']}"
+              + (f" / {response}" if response else ""))
+    print(f"{len(rows)} dead letter{'s' if len(rows) != 1 else ''}")
 
 
 # -- parser -----------------------------------------------------------------------------
@@ -171,6 +251,14 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, text in (("enable", cmd_enable, "enable a webhook (resume delivery)"),
                              ("disable", cmd_disable, "disable a webhook (queue, send nothing)")):
         add(name, func, text).add_argument("name", metavar="NAME")
+
+    dead = add("dead", cmd_dead, "inspect and re-queue dead letters")
+    dead.add_argument("action", choices=["list", "show", "replay", "purge"])
+    dead.add_argument("ids", nargs="*", metavar="ID", help="only these dead letters")
+    dead.add_argument("--webhook", metavar="NAME")
+    dead.add_argument("--since", metavar="WHEN", help="a duration ago (2h, 7d) or ISO time")
+    dead.add_argument("--json", action="store_true")
+    dead.add_argument("--all", action="store_true", help="purge: every dead letter")
 
     from . import tools
 

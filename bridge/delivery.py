@@ -174,6 +174,10 @@ class Sender:
         self.oauth2: OAuth2Token | None = None
 
     async def start(self) -> None:
+        self.start_nowait()
+
+    def start_nowait(self) -> None:
+        """Open the connection pool (inside a running event loop)."""
         webhook = self.webhook
         connector = aiohttp.TCPConnector(
             limit=max(webhook.concurrency, 1) + 1, ssl=ssl_context(webhook.tls),

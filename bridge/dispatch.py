@@ -1,12 +1,15 @@
 """Dispatch: when each webhook's queued deliveries are attempted, and what follows.
 
 Owns one :class:`WebhookWorker` per webhook: it pulls due deliveries from the store, keeps
-``concurrency`` requests in flight, and applies the policy of SPEC §5. Backoff is per
-webhook, not per delivery: after a retryable failure the webhook pauses for one backoff
-step (exponential with full jitter, stretched by ``Retry-After``), then sends a single
-probe (its oldest due delivery); a success resumes full concurrency. So a failing endpoint
-sees one request per step however long the queue. Consecutive HTTP-level failures past
-``failure_limit`` disable the webhook (persisted); its deliveries stay queued.
+``concurrency`` requests in flight (at most ``rate_limit`` a second), and applies the
+policy of SPEC §5. Backoff is per webhook, not per delivery: after a retryable failure the
+webhook pauses for one backoff step (exponential with full jitter, stretched by
+``Retry-After``), then sends a single probe (its oldest due delivery); a success resumes
+full concurrency. So a failing endpoint sees one request per step however long the queue.
+``ordered`` keeps one delivery per device in flight, oldest first; ``batch`` groups
+deliveries into one request whose id (and members) stay the same on every retry.
+Consecutive HTTP-level failures past ``failure_limit`` disable the webhook (persisted);
+its deliveries stay queued.
 """
 
 from __future__ import annotations
@@ -24,12 +27,34 @@ import structlog
 from .config import WebhookConfig
 from .delivery import DEAD, DELIVERED, GONE, Outcome, Sender
 from .events import Event, new_id
+from .metrics import Metrics
 from .render import Renderer, RenderError
 from .store import DISABLED, DISABLED_DUE_TO_ERRORS, ENABLED, Delivery, Store
 
 log = structlog.get_logger("bridge.dispatch")
 
 StateListener = Callable[[str, str, str], Awaitable[None]]  # webhook, state, reason
+_BLOCKED = -1.0  # rows are due but wait for a device's earlier delivery
+
+
+class TokenBucket:
+    """``rate`` requests a second, bursts up to one second's worth."""
+
+    def __init__(self, rate: float, clock: Callable[[], float]) -> None:
+        self.rate = rate
+        self.capacity = max(1.0, rate)
+        self.tokens = self.capacity
+        self.clock = clock
+        self.stamp = clock()
+
+    def wait_time(self) -> float:
+        now = self.clock()
+        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        return 0.0 if self.tokens >= 1 else (1 - self.tokens) / self.rate
+
+    def take(self) -> None:
+        self.tokens -= 1
 
 
 class WebhookWorker:
@@ -37,7 +62,7 @@ class WebhookWorker:
 
     def __init__(self, webhook: WebhookConfig, store: Store, sender: Sender,
                  renderer: Renderer, state: str = ENABLED,
-                 on_state: StateListener | None = None,
+                 on_state: StateListener | None = None, metrics: Metrics | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.webhook = webhook
         self.name = webhook.name
@@ -46,8 +71,10 @@ class WebhookWorker:
         self.renderer = renderer
         self.state = state
         self.on_state = on_state
+        self.metrics = metrics
         self.clock = clock
         self.in_flight: set[int] = set()
+        self._busy_devices: dict[str | None, int] = {}
         self._ready: deque[Delivery] = deque()
         self._changed = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -56,7 +83,8 @@ class WebhookWorker:
         self._paused_until = 0.0
         self._pause_started = 0.0
         self._probing = False
-        self.attempts_started = 0
+        self._bucket = TokenBucket(webhook.rate_limit, clock) if webhook.rate_limit else None
+        self.task: asyncio.Task[None] | None = None
 
     # -- control --------------------------------------------------------------------------
 
@@ -81,7 +109,7 @@ class WebhookWorker:
     @property
     def capacity(self) -> int:
         limit = 1 if self._probing else self.webhook.concurrency
-        return limit - len(self.in_flight)
+        return limit - len(self._tasks)
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -97,90 +125,176 @@ class WebhookWorker:
                 pass
 
     async def _dispatch_some(self) -> float | None:
-        """Start what may start now; return how long to wait at most before looking again."""
+        """Start what may start now; return how long to wait at most before looking again
+        (None: until something changes)."""
         if self.state != ENABLED:
             return None
         now = self.clock()
         if now < self._paused_until:
             return self._paused_until - now
         while self.capacity > 0 and not self._stopping:
-            if not self._ready:
-                await self._refill(now)
-                if not self._ready:
-                    return await self._until_next_due()
+            if self._bucket is not None and (wait := self._bucket.wait_time()) > 0:
+                return wait
+            if self.webhook.batch is not None:
+                rows, wait = await self._next_batch(now)
+            else:
+                row, wait = await self._next_row(now)
+                rows = [row] if row is not None else []
+            if not rows:
+                return None if wait == _BLOCKED else wait
+            if self._bucket is not None:
+                self._bucket.take()
+            self._start(rows)
+        return None
+
+    async def _refill(self, now: float, want: int) -> None:
+        exclude = self.in_flight | {r.id for r in self._ready}
+        self._ready.extend(await self.store.read(Store.q_due(self.name, now, want, exclude)))
+
+    def _eligible(self, row: Delivery) -> bool:
+        if row.id in self.in_flight:
+            return False
+        return not (self.webhook.ordered and self._busy_devices.get(row.device_id))
+
+    def _take(self, limit: int) -> list[Delivery]:
+        """Up to ``limit`` eligible rows from the ready queue, oldest first. With
+        ``ordered`` only a device's oldest queued row may go, and only when none of its
+        rows is in flight."""
+        taken: list[Delivery] = []
+        skipped: list[Delivery] = []
+        seen_devices: set[str | None] = set()
+        while self._ready and len(taken) < limit:
             row = self._ready.popleft()
             if row.id in self.in_flight:
                 continue
-            self._start(row)
-        return None
+            if self.webhook.ordered and (row.device_id in seen_devices
+                                         or self._busy_devices.get(row.device_id)):
+                skipped.append(row)
+                seen_devices.add(row.device_id)
+                continue
+            seen_devices.add(row.device_id)
+            taken.append(row)
+        self._ready.extendleft(reversed(skipped))
+        return taken
 
-    async def _refill(self, now: float) -> None:
-        want = max(self.webhook.concurrency * 8, 16)
-        rows = await self.store.read(Store.q_due(self.name, now, want, set(self.in_flight)))
-        self._ready.extend(rows)
+    async def _next_row(self, now: float) -> tuple[Delivery | None, float | None]:
+        want = max(self.webhook.concurrency * 8, 32)
+        for refill in (False, True):
+            if refill or not self._ready:
+                await self._refill(now, want)
+            taken = self._take(1)
+            if taken:
+                return taken[0], None
+        if self._ready:
+            return None, _BLOCKED
+        return None, await self._until_next_due()
+
+    async def _next_batch(self, now: float) -> tuple[list[Delivery], float | None]:
+        batch = self.webhook.batch
+        assert batch is not None
+        if len(self._ready) < batch.max_events:
+            await self._refill(now, batch.max_events * 2)
+        if not self._ready:
+            return [], await self._until_next_due()
+        first = self._ready[0]
+        if first.batch_id is not None:  # an earlier attempt's batch: the same members
+            rows = await self.store.read(Store.q_batch(self.name, first.batch_id))
+            members = {r.id for r in rows}
+            self._ready = deque(r for r in self._ready if r.id not in members)
+            return [r for r in rows if r.id not in self.in_flight], None
+        fresh = [r for r in self._ready if r.batch_id is None][:batch.max_events]
+        oldest = min(r.created for r in fresh)
+        if len(fresh) < batch.max_events and now < oldest + batch.max_wait:
+            return [], oldest + batch.max_wait - now
+        chosen = {r.id for r in fresh}
+        self._ready = deque(r for r in self._ready if r.id not in chosen)
+        batch_id = new_id("bat_")
+        await self.store.write(self.store.op_assign_batch(sorted(chosen), batch_id))
+        for row in fresh:
+            row.batch_id = batch_id
+        return fresh, None
 
     async def _until_next_due(self) -> float | None:
-        exclude = set(self.in_flight)
-        due = await self.store.read(Store.q_next_due(self.name, exclude))
+        due = await self.store.read(Store.q_next_due(self.name, set(self.in_flight)))
         if due is None:
             return None
         return max(due - self.clock(), 0.05)
 
-    def _start(self, row: Delivery) -> None:
-        self.in_flight.add(row.id)
-        self.attempts_started += 1
-        task = asyncio.create_task(self._attempt(row), name=f"deliver-{self.name}-{row.id}")
+    def _start(self, rows: list[Delivery]) -> None:
+        for row in rows:
+            self.in_flight.add(row.id)
+            self._busy_devices[row.device_id] = self._busy_devices.get(row.device_id, 0) + 1
+        task = asyncio.create_task(self._attempt(rows), name=f"deliver-{self.name}")
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._finished)
 
-    async def _attempt(self, row: Delivery) -> None:
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self.wake()
+
+    async def _attempt(self, rows: list[Delivery]) -> None:
         started = self.clock()
         try:
-            await self._attempt_one(row, started)
-        except Exception as exc:
-            log.error("delivery crashed", webhook=self.name, event_id=row.event_id,
+            await self._attempt_rows(rows, started)
+        except Exception as exc:  # a worker must outlive any one delivery
+            log.error("delivery crashed", webhook=self.name, event_id=rows[0].event_id,
                       cause=f"{type(exc).__name__}: {exc}")
         finally:
-            self.in_flight.discard(row.id)
+            for row in rows:
+                self.in_flight.discard(row.id)
+                left = self._busy_devices.get(row.device_id, 1) - 1
+                if left:
+                    self._busy_devices[row.device_id] = left
+                else:
+                    self._busy_devices.pop(row.device_id, None)
             self.wake()
 
-    async def _attempt_one(self, row: Delivery, started: float) -> None:
+    # -- one attempt and its consequences ------------------------------------------------
+
+    async def _attempt_rows(self, rows: list[Delivery], started: float) -> None:
         webhook = self.webhook
-        if started - row.created > webhook.retry.max_age:
-            await self._dead(row, f"older than retry.max_age ({webhook.retry.max_age:g}s)",
+        expired = [r for r in rows if started - r.created > webhook.retry.max_age]
+        if expired:
+            await self._dead(expired, f"older than retry.max_age ({webhook.retry.max_age:g}s)",
                              None, None, attempted=False)
-            return
+            rows = [r for r in rows if r not in expired]
+            if not rows:
+                return
+        batch_id = rows[0].batch_id if webhook.batch is not None else None
         try:
-            event = Event.from_envelope(json.loads(row.event))
-            request = self.renderer.render([event])
+            events = [Event.from_envelope(json.loads(r.event)) for r in rows]
+            request = self.renderer.render(events, batch_id)
         except (RenderError, ValueError, KeyError) as exc:
-            await self._dead(row, f"cannot render the request: {exc}", None, None,
+            await self._dead(rows, f"cannot render the request: {exc}", None, None,
                              attempted=False)
             return
-        outcome = await self.sender.send(request, row.event_id)
+        outcome = await self.sender.send(request, batch_id or rows[0].event_id)
+        if self.metrics is not None:
+            self.metrics.deliveries.labels(self.name, outcome.kind).inc(len(rows))
+            self.metrics.attempt_seconds.labels(self.name).observe(outcome.elapsed)
+        await self._settle(rows, started, outcome)
+
+    async def _settle(self, rows: list[Delivery], started: float, outcome: Outcome) -> None:
         now = self.clock()
+        ids = [r.id for r in rows]
         if outcome.kind == DELIVERED:
             self._step, self._probing = 0, False
-            await self.store.write(self.store.op_delivered(self.name, [row.id], now))
+            await self.store.write(self.store.op_delivered(self.name, ids, now))
             return
         if outcome.kind == DEAD:
-            await self._dead(row, outcome.cause, outcome.status, outcome.response,
+            await self._dead(rows, outcome.cause, outcome.status, outcome.response,
                              counts=outcome.counts_as_failure)
             return
         failures = await self.store.write(self.store.op_retry(
-            self.name, [row.id], None, outcome.status, outcome.cause,
-            outcome.counts_as_failure, now))
+            self.name, ids, outcome.status, outcome.cause, outcome.counts_as_failure, now))
         delay = self._back_off(started, now, outcome)
-        log.warning("delivery failed", webhook=self.name, event_id=row.event_id,
-                    attempt=row.attempts + 1, status=outcome.status, cause=outcome.cause,
-                    retry_in=round(delay, 3))
+        log.warning("delivery failed", webhook=self.name, event_id=rows[0].event_id,
+                    batch_id=rows[0].batch_id, attempt=rows[0].attempts + 1,
+                    status=outcome.status, cause=outcome.cause, retry_in=round(delay, 3))
         if outcome.kind == GONE:
             await self.change_state(DISABLED, outcome.cause)
-        elif self._over_limit(failures):
-            await self.change_state(
-                DISABLED_DUE_TO_ERRORS,
-                f"{failures} consecutive failures (failure_limit {webhook.failure_limit}); "
-                f"last: {outcome.cause}")
+        else:
+            await self._check_limit(failures, outcome.cause)
 
     def _back_off(self, started: float, now: float, outcome: Outcome) -> float:
         """Pause the webhook for the next backoff step. An attempt that was already in
@@ -191,7 +305,7 @@ class WebhookWorker:
             return max(self._paused_until - now, 0.0)
         self._step += 1
         retry = self.webhook.retry
-        ceiling = min(retry.max, retry.initial * 2 ** (self._step - 1))
+        ceiling = min(retry.max, retry.initial * 2 ** min(self._step - 1, 30))
         delay = random.uniform(0, ceiling)
         if outcome.retry_after is not None:
             delay = max(delay, outcome.retry_after)
@@ -199,31 +313,36 @@ class WebhookWorker:
         self._paused_until = now + delay
         return delay
 
-    def _over_limit(self, failures: int) -> bool:
-        limit = self.webhook.failure_limit
-        return limit > 0 and failures >= limit and self.state == ENABLED
-
-    async def _dead(self, row: Delivery, reason: str, status: int | None,
+    async def _dead(self, rows: list[Delivery], reason: str, status: int | None,
                     response: str | None, attempted: bool = True, counts: bool = False
                     ) -> None:
         failures = await self.store.write(self.store.op_dead(
-            self.name, [row.id], reason, status, response, self.clock(), attempted, counts))
-        log.warning("delivery dead-lettered", webhook=self.name, event_id=row.event_id,
-                    attempt=row.attempts + (1 if attempted else 0), status=status,
-                    cause=reason)
-        if attempted and self._over_limit(failures):
+            self.name, [r.id for r in rows], reason, status, response, self.clock(),
+            attempted, counts))
+        for row in rows:
+            log.warning("delivery dead-lettered", webhook=self.name, event_id=row.event_id,
+                        attempt=row.attempts + (1 if attempted else 0), status=status,
+                        cause=reason)
+        if attempted:
+            await self._check_limit(failures, reason)
+
+    async def _check_limit(self, failures: int, cause: str) -> None:
+        limit = self.webhook.failure_limit
+        if limit > 0 and failures >= limit and self.state == ENABLED:
             await self.change_state(
                 DISABLED_DUE_TO_ERRORS,
-                f"{failures} consecutive failures (failure_limit "
-                f"{self.webhook.failure_limit}); last: {reason}")
+                f"{failures} consecutive failures (failure_limit {limit}); last: {cause}")
 
     async def change_state(self, state: str, reason: str) -> None:
         if state == self.state:
             return
         self.set_state(state)
         await self.store.write(self.store.op_set_state(self.name, state, reason))
-        log.error("webhook state changed", webhook=self.name, state=state, cause=reason) \
-            if state != ENABLED else log.info("webhook enabled", webhook=self.name)
+        if state == ENABLED:
+            log.info("webhook enabled", webhook=self.name, cause=reason)
+        else:
+            log.error("webhook disabled", webhook=self.name, state=state, cause=reason,
+                      fix=f"webhook-bridge enable {self.name}")
         if self.on_state is not None:
             await self.on_state(self.name, state, reason)
 
@@ -232,6 +351,6 @@ def status_notice(webhook: str, state: str, reason: str, extra: dict[str, Any] |
                   ) -> bytes:
     """The retained JSON notice published on a webhook's status topic."""
     body = {"webhook": webhook, "status": state, "reason": reason,
-            "ts": int(time.time() * 1000), "id": new_id("ntc_")}
+            "ts": int(time.time() * 1000)}
     body.update(extra or {})
     return json.dumps(body, separators=(",", ":")).encode()

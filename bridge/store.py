@@ -14,10 +14,11 @@ slow fsync never blocks them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -37,6 +38,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
     event_id TEXT NOT NULL,
     device_id TEXT,
     event BLOB NOT NULL,
+    size INTEGER NOT NULL,
     created REAL NOT NULL,
     due REAL NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
@@ -68,6 +70,7 @@ CREATE TABLE IF NOT EXISTS webhooks (
     failed INTEGER NOT NULL DEFAULT 0,
     dead INTEGER NOT NULL DEFAULT 0,
     dropped INTEGER NOT NULL DEFAULT 0,
+    in_flight INTEGER NOT NULL DEFAULT 0,
     last_triggered REAL,
     last_error TEXT,
     created REAL,
@@ -132,9 +135,12 @@ def connect(path: str, durability: str = "power_loss") -> sqlite3.Connection:
 class Store:
     """The queue: group-committed writes and non-blocking reads, from asyncio."""
 
-    def __init__(self, path: str, durability: str = "power_loss") -> None:
+    def __init__(self, path: str, durability: str = "power_loss", max_size: int = 0,
+                 overflow: str = "drop_oldest") -> None:
         self.path = path
         self.durability = durability
+        self.max_size = max_size  # 0 = no quota
+        self.overflow = overflow
         self._writer = connect(path, durability)
         self._reader = connect(path, durability)
         self._write_thread = ThreadPoolExecutor(1, thread_name_prefix="store-writer")
@@ -145,15 +151,20 @@ class Store:
         self._closed = False
         self.failed = False  # the last group commit failed (disk full, I/O error)
         self.commits = 0
+        self.space_freed = asyncio.Event()
+        self._freed = False
         self.bytes_queued = self._measure(self._writer)
 
     @staticmethod
     def _measure(conn: sqlite3.Connection) -> int:
-        row = conn.execute(
-            "SELECT COALESCE(SUM(LENGTH(event)), 0) + COUNT(*) * ? FROM deliveries",
-            (ROW_OVERHEAD,),
-        ).fetchone()
-        return int(row[0])
+        return int(conn.execute("SELECT COALESCE(SUM(size), 0) FROM deliveries").fetchone()[0])
+
+    async def remeasure(self) -> None:
+        """Recount the queue's bytes (after another process, a CLI command, changed it)."""
+        self.bytes_queued = await self.write(self._measure)
+
+    def has_room(self, size: int) -> bool:
+        return not self.max_size or self.bytes_queued + size <= self.max_size
 
     # -- the group commit -------------------------------------------------------------
 
@@ -188,7 +199,10 @@ class Store:
                 if self._closed:
                     return
                 continue
+            self._freed = False
             outcomes = await loop.run_in_executor(self._write_thread, self._apply, batch)
+            if self._freed:
+                self.space_freed.set()
             for (_, future), (ok, value) in zip(batch, outcomes):
                 if future.done():
                     continue
@@ -207,6 +221,7 @@ class Store:
             results = [(True, op(conn)) for op, _ in batch]
             conn.execute("COMMIT")
             self.commits += 1
+            self.failed = False
             return results
         except Exception:
             if conn.in_transaction:
@@ -223,6 +238,7 @@ class Store:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 self.bytes_queued = self._measure(conn)
+                self.failed = isinstance(exc, sqlite3.Error)
                 error = exc if not isinstance(exc, sqlite3.Error) else StoreError(
                     f"queue database {self.path}: {exc}")
                 outcomes.append((False, error))
@@ -244,17 +260,45 @@ class Store:
     # -- operations (run in the writer thread, inside a transaction) -------------------
 
     def op_enqueue(self, items: list[NewDelivery], now: float | None = None) -> Operation:
-        def enqueue(conn: sqlite3.Connection) -> int:
+        """Queue deliveries; with ``overflow: drop_oldest`` make room first by dropping
+        the oldest queued deliveries. Returns ``{webhook: dropped}``."""
+        def enqueue(conn: sqlite3.Connection) -> dict[str, int]:
+            if not items:
+                return {}
             ts = time.time() if now is None else now
+            sizes = [len(d.event) + ROW_OVERHEAD for d in items]
+            dropped: dict[str, int] = {}
+            excess = self.bytes_queued + sum(sizes) - self.max_size
+            if self.max_size and excess > 0 and self.overflow == "drop_oldest":
+                dropped = self._drop_oldest(conn, excess)
             conn.executemany(
-                "INSERT INTO deliveries (webhook, event_id, device_id, event, created, due)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                [(d.webhook, d.event_id, d.device_id, d.event, ts, ts) for d in items],
-            )
-            self.bytes_queued += sum(len(d.event) + ROW_OVERHEAD for d in items)
-            return len(items)
+                "INSERT INTO deliveries (webhook, event_id, device_id, event, size, created,"
+                " due) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(d.webhook, d.event_id, d.device_id, d.event, size, ts, ts)
+                 for d, size in zip(items, sizes)])
+            self.bytes_queued += sum(sizes)
+            return dropped
 
         return enqueue
+
+    def _drop_oldest(self, conn: sqlite3.Connection, excess: int) -> dict[str, int]:
+        victims: list[int] = []
+        dropped: dict[str, int] = {}
+        freed = 0
+        cursor = conn.execute("SELECT id, webhook, size FROM deliveries ORDER BY id")
+        for delivery_id, webhook, size in cursor:
+            victims.append(delivery_id)
+            dropped[webhook] = dropped.get(webhook, 0) + 1
+            freed += size
+            if freed >= excess:
+                break
+        cursor.close()
+        self._delete(conn, victims)
+        for webhook, count in dropped.items():
+            _ensure_webhook(conn, webhook)
+            conn.execute("UPDATE webhooks SET dropped = dropped + ? WHERE name = ?",
+                         (count, webhook))
+        return dropped
 
     def op_delivered(self, webhook: str, ids: list[int], now: float) -> Operation:
         def delivered(conn: sqlite3.Connection) -> None:
@@ -267,16 +311,15 @@ class Store:
 
         return delivered
 
-    def op_retry(self, webhook: str, ids: list[int], due: float | None, status: int | None,
-                 error: str, counts_as_failure: bool, now: float) -> Operation:
-        """An attempt failed in a way worth retrying: keep the rows, note the cause.
-        ``due`` None keeps each row's place in line (the webhook-level backoff decides
-        when the next probe goes out)."""
+    def op_retry(self, webhook: str, ids: list[int], status: int | None, error: str,
+                 counts_as_failure: bool, now: float) -> Operation:
+        """An attempt failed in a way worth retrying: keep the rows in their place in
+        line (the webhook-level backoff decides when the next probe goes out) and note
+        the cause. Returns the webhook's consecutive failures."""
         def retry(conn: sqlite3.Connection) -> int:
             conn.executemany(
                 "UPDATE deliveries SET attempts = attempts + 1, last_status = ?,"
-                " last_error = ?, due = COALESCE(?, due) WHERE id = ?",
-                [(status, error, due, i) for i in ids])
+                " last_error = ? WHERE id = ?", [(status, error, i) for i in ids])
             return self._note_failure(conn, webhook, error, counts_as_failure, now)
 
         return retry
@@ -284,15 +327,11 @@ class Store:
     def op_dead(self, webhook: str, ids: list[int], reason: str, status: int | None,
                 response: str | None, now: float, attempted: bool = True,
                 counts_as_failure: bool = False) -> Operation:
-        """Move deliveries to the dead letters (counting the attempt that killed them)."""
+        """Move deliveries to the dead letters (counting the attempt that killed them).
+        Returns the webhook's consecutive failures."""
         def dead(conn: sqlite3.Connection) -> int:
-            extra = 1 if attempted else 0
-            conn.executemany(
-                "INSERT INTO dead_letters (webhook, event_id, device_id, event, created,"
-                " died, attempts, last_status, reason, response)"
-                " SELECT webhook, event_id, device_id, event, created, ?, attempts + ?,"
-                " COALESCE(?, last_status), ?, ? FROM deliveries WHERE id = ?",
-                [(now, extra, status, reason, response, i) for i in ids])
+            move_to_dead_letters(conn, ids, reason, status, response, now,
+                                 1 if attempted else 0)
             self._delete(conn, ids)
             failures = 0
             if attempted:
@@ -302,6 +341,34 @@ class Store:
             return failures
 
         return dead
+
+    def op_assign_batch(self, ids: list[int], batch_id: str) -> Operation:
+        """Pin deliveries to a batch so every retry sends the same batch and id."""
+        def assign(conn: sqlite3.Connection) -> None:
+            conn.executemany("UPDATE deliveries SET batch_id = ? WHERE id = ?",
+                             [(batch_id, i) for i in ids])
+
+        return assign
+
+    def op_in_flight(self, counts: dict[str, int]) -> Operation:
+        def in_flight(conn: sqlite3.Connection) -> None:
+            for webhook, count in counts.items():
+                _ensure_webhook(conn, webhook)
+                conn.execute("UPDATE webhooks SET in_flight = ? WHERE name = ?",
+                             (count, webhook))
+
+        return in_flight
+
+    def op_dead_all(self, webhook: str, reason: str) -> Operation:
+        """Every queued delivery of ``webhook`` to the dead letters (webhook removed)."""
+        def dead_all(conn: sqlite3.Connection) -> int:
+            ids = [r[0] for r in conn.execute("SELECT id FROM deliveries WHERE webhook = ?",
+                                               (webhook,))]
+            move_to_dead_letters(conn, ids, reason, None, None, time.time(), 0)
+            self._delete(conn, ids)
+            return len(ids)
+
+        return dead_all
 
     def op_set_state(self, webhook: str, state: str, reason: str | None = None) -> Operation:
         def set_state(conn: sqlite3.Connection) -> None:
@@ -329,17 +396,19 @@ class Store:
     def _delete(self, conn: sqlite3.Connection, ids: list[int]) -> None:
         for chunk in _chunks(ids, 500):
             marks = ",".join("?" * len(chunk))
-            row = conn.execute(
-                f"SELECT COALESCE(SUM(LENGTH(event)), 0) + COUNT(*) * ? FROM deliveries"
-                f" WHERE id IN ({marks})", (ROW_OVERHEAD, *chunk)).fetchone()
+            row = conn.execute(f"SELECT COALESCE(SUM(size), 0) FROM deliveries"
+                               f" WHERE id IN ({marks})", chunk).fetchone()
             conn.execute(f"DELETE FROM deliveries WHERE id IN ({marks})", chunk)
             self.bytes_queued -= int(row[0])
+            if row[0]:
+                self._freed = True
 
     # -- queries (run in the reader thread) ---------------------------------------------
 
     @staticmethod
     def q_due(webhook: str, now: float, limit: int, exclude: Collection[int]
               ) -> Callable[[sqlite3.Connection], list[Delivery]]:
+        """The oldest due deliveries not in ``exclude``, in queue order."""
         def due(conn: sqlite3.Connection) -> list[Delivery]:
             rows = conn.execute(
                 f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE webhook = ? AND due <= ?"
@@ -347,6 +416,16 @@ class Store:
             return [Delivery(*r) for r in rows if r[0] not in exclude][:limit]
 
         return due
+
+    @staticmethod
+    def q_batch(webhook: str, batch_id: str) -> Callable[[sqlite3.Connection], list[Delivery]]:
+        def batch(conn: sqlite3.Connection) -> list[Delivery]:
+            rows = conn.execute(
+                f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE webhook = ? AND batch_id = ?"
+                " ORDER BY id", (webhook, batch_id)).fetchall()
+            return [Delivery(*r) for r in rows]
+
+        return batch
 
     @staticmethod
     def q_next_due(webhook: str, exclude: Collection[int] = ()
@@ -359,6 +438,11 @@ class Store:
             return row[0]
 
         return next_due
+
+    @staticmethod
+    def q_generation(conn: sqlite3.Connection) -> str | None:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+        return row[0] if row else None
 
 
 def _ensure_webhook(conn: sqlite3.Connection, name: str) -> None:
@@ -385,3 +469,99 @@ def webhook_rows(conn: sqlite3.Connection) -> dict[str, dict[str, Any]]:
     finally:
         conn.row_factory = None
     return rows
+
+
+def move_to_dead_letters(conn: sqlite3.Connection, ids: list[int], reason: str,
+                         status: int | None, response: str | None, now: float,
+                         extra_attempts: int) -> None:
+    conn.executemany(
+        "INSERT INTO dead_letters (webhook, event_id, device_id, event, created, died,"
+        " attempts, last_status, reason, response)"
+        " SELECT webhook, event_id, device_id, event, created, ?, attempts + ?,"
+        " COALESCE(?, last_status), ?, COALESCE(?, last_error) FROM deliveries WHERE id = ?",
+        [(now, extra_attempts, status, reason, response, i) for i in ids])
+
+
+def bump_generation(conn: sqlite3.Connection) -> None:
+    """Tell a running daemon that another process changed the store (it re-reads)."""
+    conn.execute("INSERT INTO meta (key, value) VALUES ('generation', ?) ON CONFLICT (key)"
+                 " DO UPDATE SET value = excluded.value", (repr(time.time()),))
+
+
+# -- dead letters, for the CLI and the admin API (any process, any time) ------------------
+
+_DEAD_COLUMNS = ("id, webhook, event_id, device_id, created, died, attempts, last_status,"
+                 " reason, response")
+
+
+def _dead_filter(webhook: str | None, since: float | None, ids: list[int] | None
+                 ) -> tuple[str, list[Any]]:
+    clauses, params = ["1 = 1"], []
+    if webhook is not None:
+        clauses.append("webhook = ?")
+        params.append(webhook)
+    if since is not None:
+        clauses.append("died >= ?")
+        params.append(since)
+    if ids:
+        clauses.append(f"id IN ({','.join('?' * len(ids))})")
+        params.extend(ids)
+    return " AND ".join(clauses), params
+
+
+def dead_list(conn: sqlite3.Connection, webhook: str | None = None,
+              since: float | None = None, ids: list[int] | None = None,
+              with_event: bool = False) -> list[dict[str, Any]]:
+    where, params = _dead_filter(webhook, since, ids)
+    columns = _DEAD_COLUMNS + (", event" if with_event else "")
+    names = [c.strip() for c in columns.split(",")]
+    rows = conn.execute(f"SELECT {columns} FROM dead_letters WHERE {where} ORDER BY id",
+                        params).fetchall()
+    return [dict(zip(names, r)) for r in rows]
+
+
+def dead_replay(conn: sqlite3.Connection, webhook: str | None = None,
+                since: float | None = None, ids: list[int] | None = None) -> int:
+    """Re-queue dead letters as fresh deliveries (attempts and age start again)."""
+    where, params = _dead_filter(webhook, since, ids)
+    now = time.time()
+    with transaction(conn):
+        cursor = conn.execute(
+            "INSERT INTO deliveries (webhook, event_id, device_id, event, size, created, due)"
+            f" SELECT webhook, event_id, device_id, event, LENGTH(event) + {ROW_OVERHEAD},"
+            f" ?, ? FROM dead_letters WHERE {where} ORDER BY id", [now, now, *params])
+        count = cursor.rowcount
+        conn.execute(f"DELETE FROM dead_letters WHERE {where}", params)
+        bump_generation(conn)
+    return count
+
+
+def dead_purge(conn: sqlite3.Connection, webhook: str | None = None,
+               since: float | None = None, ids: list[int] | None = None) -> int:
+    where, params = _dead_filter(webhook, since, ids)
+    with transaction(conn):
+        count = conn.execute(f"DELETE FROM dead_letters WHERE {where}", params).rowcount
+        bump_generation(conn)
+    return count
+
+
+def set_state(conn: sqlite3.Connection, webhook: str, state: str) -> None:
+    """Change a webhook's state from any process (the daemon follows within a second)."""
+    with transaction(conn):
+        _ensure_webhook(conn, webhook)
+        reset = ", consecutive_failures = 0" if state == ENABLED else ""
+        conn.execute(f"UPDATE webhooks SET state = ?, modified = ?{reset} WHERE name = ?",
+                     (state, time.time(), webhook))
+        bump_generation(conn)
+
+
+@contextlib.contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """One explicit write transaction (connections here are in autocommit mode)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")

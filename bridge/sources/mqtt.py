@@ -118,7 +118,8 @@ class MqttSource:
             delay = min(delay * 2, 30.0)
 
     async def _on_connected(self, client: aiomqtt.Client) -> None:
-        await client.subscribe([(self.subscription(f), qos) for f, qos in self.filters])
+        if self.filters:
+            await client.subscribe([(self.subscription(f), qos) for f, qos in self.filters])
         log.info("mqtt connected", host=self.config.host, port=self.config.port,
                  client_id=self.config.client_id, subscriptions=len(self.filters))
         self.connected.set()
@@ -178,6 +179,26 @@ class MqttSource:
                 await client.publish(topic, payload, qos=1, retain=retain)
             except aiomqtt.MqttError as exc:
                 log.warning("mqtt publish failed", topic=topic, cause=str(exc))
+
+    async def set_filters(self, filters: list[tuple[str, int]]) -> None:
+        """Change the subscriptions live (config reload): subscribe to what is new first,
+        then unsubscribe from what is gone, so a filter kept under a new QoS never lapses."""
+        old, self.filters = dict(self.filters), filters
+        new = dict(filters)
+        added = [(f, q) for f, q in filters if old.get(f) != q]
+        removed = [f for f in old if f not in new]
+        client = self._client
+        if client is None or not self.connected.is_set():
+            return  # applied on the next connect
+        try:
+            if added:
+                await client.subscribe([(self.subscription(f), q) for f, q in added])
+            if removed:
+                await client.unsubscribe([self.subscription(f) for f in removed])
+        except aiomqtt.MqttError as exc:
+            log.warning("mqtt subscription change failed; applied on reconnect",
+                        cause=str(exc))
+        log.info("mqtt subscriptions changed", added=[f for f, _ in added], removed=removed)
 
     def start(self) -> asyncio.Task[None]:
         self._task = asyncio.create_task(self.run(), name="mqtt-source")
