@@ -125,16 +125,22 @@ class Bridge:
             items.extend(NewDelivery(n, event.id, event.device_id, body) for n in names)
         size = sum(len(i.event) + ROW_OVERHEAD for i in items)
         if self._held or (items and self.config.store.overflow == "backpressure"
-                          and not self.store.has_room(size) and self.store.bytes_queued):
+                          and not self.store.has_room(size) and self._queue_in_use()):
             return self._hold(items, size)
-        return self._enqueue(items)
+        return self._enqueue(items, size)
 
-    def _enqueue(self, items: list[NewDelivery]) -> asyncio.Future[Any]:
+    def _queue_in_use(self) -> bool:
+        return bool(self.store.bytes_queued or self.store.bytes_pending)
+
+    def _enqueue(self, items: list[NewDelivery], size: int) -> asyncio.Future[Any]:
+        self.store.bytes_pending += size
         future = self.store.submit(self.store.op_enqueue(items))
-        future.add_done_callback(lambda f: self._committed(f, items))
+        future.add_done_callback(lambda f: self._committed(f, items, size))
         return future
 
-    def _committed(self, future: asyncio.Future[Any], items: list[NewDelivery]) -> None:
+    def _committed(self, future: asyncio.Future[Any], items: list[NewDelivery],
+                   size: int) -> None:
+        self.store.bytes_pending -= size
         if future.cancelled() or future.exception() is not None:
             self.metrics.messages_rejected.inc()
             log.error("message not stored; the broker will send it again",
@@ -165,16 +171,9 @@ class Bridge:
             self.store.space_freed.clear()
             released = 0
             while self._held and (self.store.has_room(self._held[0][1])
-                                  or not self.store.bytes_queued):
+                                  or not self._queue_in_use()):
                 items, size, held = self._held.popleft()
-                # Count the bytes now so the next one is measured against them; the
-                # enqueue operation recounts when it commits.
-                self.store.bytes_queued += size
-                future = self._enqueue(items)
-                future.add_done_callback(
-                    lambda _, n=size: setattr(self.store, "bytes_queued",
-                                              self.store.bytes_queued - n))
-                _chain(future, held)
+                _chain(self._enqueue(items, size), held)
                 released += 1
             if released and not self._held:
                 log.info("queue has room again: acknowledging MQTT messages")

@@ -76,6 +76,7 @@ class WebhookWorker:
         self.in_flight: set[int] = set()
         self._busy_devices: dict[str | None, int] = {}
         self._ready: deque[Delivery] = deque()
+        self._epoch = 0  # bumped whenever the ready queue is thrown away
         self._changed = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
@@ -96,7 +97,7 @@ class WebhookWorker:
         if state == ENABLED and self.state != ENABLED:
             self._step, self._paused_until, self._probing = 0, 0.0, False
         self.state = state
-        self._ready.clear()
+        self._clear_ready()
         self.wake()
 
     async def stop(self, grace: float) -> None:
@@ -149,7 +150,21 @@ class WebhookWorker:
 
     async def _refill(self, now: float, want: int) -> None:
         exclude = self.in_flight | {r.id for r in self._ready}
-        self._ready.extend(await self.store.read(Store.q_due(self.name, now, want, exclude)))
+        epoch = self._epoch
+        rows = await self.store.write(self.store.op_lease(
+            Store.q_due(self.name, now, want, exclude)))
+        if epoch != self._epoch:
+            # A failure cleared the queue while we read: these rows were chosen around a
+            # delivery that is now waiting to be retried, so they must not jump ahead.
+            self.store.leased.difference_update(r.id for r in rows)
+            return
+        self._ready.extend(rows)
+
+    def _clear_ready(self) -> None:
+        self._epoch += 1
+        self.store.leased.difference_update(
+            r.id for r in self._ready if r.id not in self.in_flight)
+        self._ready.clear()
 
     def _eligible(self, row: Delivery) -> bool:
         if row.id in self.in_flight:
@@ -178,7 +193,7 @@ class WebhookWorker:
         return taken
 
     async def _next_row(self, now: float) -> tuple[Delivery | None, float | None]:
-        want = max(self.webhook.concurrency * 8, 32)
+        want = 1 if self._probing else max(self.webhook.concurrency * 8, 32)
         for refill in (False, True):
             if refill or not self._ready:
                 await self._refill(now, want)
@@ -198,7 +213,8 @@ class WebhookWorker:
             return [], await self._until_next_due()
         first = self._ready[0]
         if first.batch_id is not None:  # an earlier attempt's batch: the same members
-            rows = await self.store.read(Store.q_batch(self.name, first.batch_id))
+            rows = await self.store.write(self.store.op_lease(
+                Store.q_batch(self.name, first.batch_id)))
             members = {r.id for r in rows}
             self._ready = deque(r for r in self._ready if r.id not in members)
             return [r for r in rows if r.id not in self.in_flight], None
@@ -242,6 +258,7 @@ class WebhookWorker:
         finally:
             for row in rows:
                 self.in_flight.discard(row.id)
+                self.store.leased.discard(row.id)
                 left = self._busy_devices.get(row.device_id, 1) - 1
                 if left:
                     self._busy_devices[row.device_id] = left
@@ -299,7 +316,7 @@ class WebhookWorker:
     def _back_off(self, started: float, now: float, outcome: Outcome) -> float:
         """Pause the webhook for the next backoff step. An attempt that was already in
         flight when the current pause began does not lengthen it again."""
-        self._ready.clear()  # the next attempt is a probe of the oldest due delivery
+        self._clear_ready()  # the next attempt is a probe of the oldest due delivery
         self._probing = True
         if started < self._pause_started:
             return max(self._paused_until - now, 0.0)

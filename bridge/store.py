@@ -153,6 +153,10 @@ class Store:
         self.commits = 0
         self.space_freed = asyncio.Event()
         self._freed = False
+        self.bytes_pending = 0  # submitted, not yet committed (owned by the event loop)
+        # Deliveries a worker holds (prefetched or in flight): the quota never drops them,
+        # so a dropped delivery is never sent and a sent one is never counted as dropped.
+        self.leased: set[int] = set()
         self.bytes_queued = self._measure(self._writer)
 
     @staticmethod
@@ -164,7 +168,8 @@ class Store:
         self.bytes_queued = await self.write(self._measure)
 
     def has_room(self, size: int) -> bool:
-        return not self.max_size or self.bytes_queued + size <= self.max_size
+        used = self.bytes_queued + self.bytes_pending
+        return not self.max_size or used + size <= self.max_size
 
     # -- the group commit -------------------------------------------------------------
 
@@ -287,6 +292,8 @@ class Store:
         freed = 0
         cursor = conn.execute("SELECT id, webhook, size FROM deliveries ORDER BY id")
         for delivery_id, webhook, size in cursor:
+            if delivery_id in self.leased:
+                continue
             victims.append(delivery_id)
             dropped[webhook] = dropped.get(webhook, 0) + 1
             freed += size
@@ -341,6 +348,16 @@ class Store:
             return failures
 
         return dead
+
+    def op_lease(self, query: Callable[[sqlite3.Connection], list[Delivery]]) -> Operation:
+        """Run a due-query in the writer thread and lease what it returns, so the quota
+        cannot drop a row between the query and the lease."""
+        def lease(conn: sqlite3.Connection) -> list[Delivery]:
+            rows = query(conn)
+            self.leased.update(r.id for r in rows)
+            return rows
+
+        return lease
 
     def op_assign_batch(self, ids: list[int], batch_id: str) -> Operation:
         """Pin deliveries to a batch so every retry sends the same batch and id."""

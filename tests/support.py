@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import ssl
 import subprocess
 import sys
@@ -62,7 +63,7 @@ async def wait_for(condition: Callable[[], Any], timeout: float = 20.0,
 class Mosquitto:
     """A private Mosquitto on a free loopback port (no persistence, big offline queues)."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, persistence: bool = False) -> None:
         self.port = free_port()
         self.workdir = workdir
         self.proc: subprocess.Popen[bytes] | None = None
@@ -70,7 +71,8 @@ class Mosquitto:
         self.conf.write_text(
             f"listener {self.port} 127.0.0.1\n"
             "allow_anonymous true\n"
-            "persistence false\n"
+            + (f"persistence true\npersistence_location {workdir}/\n" if persistence
+               else "persistence false\n") +
             "max_queued_messages 1000000\n"
             "max_inflight_messages 1000\n"
             "set_tcp_nodelay true\n"
@@ -274,3 +276,44 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 30.0
 
 def temp_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="wb-test-"))
+
+
+# -- shared by the integration tests ---------------------------------------------------
+
+def base_config(tmp: Path, broker: Mosquitto, webhooks: list[dict[str, Any]],
+                sources: list[dict[str, Any]] | None = None, **mqtt: Any) -> dict[str, Any]:
+    return {
+        "mqtt": {"host": "127.0.0.1", "port": broker.port, "client_id": f"wb-{tmp.name}",
+                 "keepalive": 5, **mqtt},
+        "store": {"path": str(tmp / "state" / "queue.db")},
+        "admin": {"listen": None},
+        "log": {"format": "json", "level": "info"},
+        "sources": sources or [{"name": "telemetry", "topic": "devices/{device_id}/telemetry",
+                                "qos": 1, "format": "json"}],
+        "webhooks": webhooks,
+    }
+
+
+def https_webhook(name: str, endpoint: Endpoint, certs: Certificates, path: str = "/ingest",
+                  **extra: Any) -> dict[str, Any]:
+    return {"name": name, "url": endpoint.url + path, "tls": {"ca_file": str(certs.ca_file)},
+            "retry": {"initial": "100ms", "max": "1s"}, **extra}
+
+
+async def started(daemon: Daemon, times: int = 1) -> Daemon:
+    """Wait until the daemon is subscribed (its ``times``-th 'mqtt connected' line)."""
+    await wait_for(lambda: daemon.output().count('"mqtt connected"') >= times
+                   or daemon.proc.poll() is not None, 20, "the daemon to connect")
+    assert daemon.proc.poll() is None, daemon.output()
+    return daemon
+
+
+def seqs(requests: list[Received]) -> list[int]:
+    return [r.json()["payload"]["seq"] for r in requests]
+
+
+def queued(tmp: Path) -> int:
+    with sqlite3.connect(tmp / "state" / "queue.db") as conn:
+        return conn.execute("SELECT COUNT(*) FROM deliveries").fetchone()[0]
+
+

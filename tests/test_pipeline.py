@@ -15,42 +15,23 @@ from urllib.parse import unquote
 
 from aiohttp import web
 
-from .support import Certificates, Daemon, Endpoint, Mosquitto, Publisher, Received, wait_for
+from .support import (
+    Certificates,
+    Daemon,
+    Endpoint,
+    Mosquitto,
+    Publisher,
+    Received,
+    base_config,
+    https_webhook,
+    queued,
+    seqs,
+    started,
+    wait_for,
+)
 
 ID = re.compile(r"^evt_[0-9A-HJKMNP-TV-Z]{26}$")
 ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
-
-
-def base_config(tmp: Path, broker: Mosquitto, webhooks: list[dict[str, Any]],
-                sources: list[dict[str, Any]] | None = None, **mqtt: Any) -> dict[str, Any]:
-    return {
-        "mqtt": {"host": "127.0.0.1", "port": broker.port, "client_id": f"wb-{tmp.name}",
-                 "keepalive": 5, **mqtt},
-        "store": {"path": str(tmp / "state" / "queue.db")},
-        "admin": {"listen": None},
-        "log": {"format": "json", "level": "info"},
-        "sources": sources or [{"name": "telemetry", "topic": "devices/{device_id}/telemetry",
-                                "qos": 1, "format": "json"}],
-        "webhooks": webhooks,
-    }
-
-
-def https_webhook(name: str, endpoint: Endpoint, certs: Certificates, path: str = "/ingest",
-                  **extra: Any) -> dict[str, Any]:
-    return {"name": name, "url": endpoint.url + path, "tls": {"ca_file": str(certs.ca_file)},
-            "retry": {"initial": "100ms", "max": "1s"}, **extra}
-
-
-async def started(daemon: Daemon, times: int = 1) -> Daemon:
-    """Wait until the daemon is subscribed (its ``times``-th 'mqtt connected' line)."""
-    await wait_for(lambda: daemon.output().count('"mqtt connected"') >= times
-                   or daemon.proc.poll() is not None, 20, "the daemon to connect")
-    assert daemon.proc.poll() is None, daemon.output()
-    return daemon
-
-
-def seqs(requests: list[Received]) -> list[int]:
-    return [r.json()["payload"]["seq"] for r in requests]
 
 
 async def test_json_message_arrives_as_envelope_with_headers(
@@ -143,11 +124,6 @@ async def test_outage_then_recovery_loses_nothing_and_400_is_dead_lettered(
         assert daemon.terminate() == 0
     finally:
         publisher.close()
-
-
-def queued(tmp: Path) -> int:
-    with sqlite3.connect(tmp / "state" / "queue.db") as conn:
-        return conn.execute("SELECT COUNT(*) FROM deliveries").fetchone()[0]
 
 
 def _dead_letters(tmp: Path) -> list[tuple[Any, ...]]:
