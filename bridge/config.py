@@ -9,8 +9,10 @@ YAML-with-positions machinery and single-value checks live in :mod:`bridge.confi
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import glob
+import json
 import math
 import os
 import re
@@ -55,7 +57,7 @@ QOS_LEVELS = (0, 1, 2)
 FORMATS = ("json", "text", "binary", "senml", "senml-cbor", "lwm2m-emqx")
 METHODS = ("POST", "PUT", "PATCH")
 CONTENT_TYPES = ("json", "form", "text")
-ENVELOPES = ("event", "payload", "iottly")
+ENVELOPES = ("event", "payload", "iottly", "zerynth")
 SIGNING_SCHEMES = ("standard-webhooks", "hmac-sha256")
 AUTH_FIELDS: dict[str, tuple[str, ...]] = {
     "none": (),
@@ -189,7 +191,7 @@ class WebhookConfig:
     method: str = "POST"
     content_type: str = "json"  # json | form | text
     payload_only: bool = False
-    envelope: str = "event"  # event | payload | iottly
+    envelope: str = "event"  # event | payload | iottly | zerynth
     body: Any = None  # template structure; overrides envelope
     headers: dict[str, str] = field(default_factory=dict)
     auth: AuthConfig = field(default_factory=AuthConfig)
@@ -475,7 +477,13 @@ def _compile_filter(value: Any) -> str:
 def _request_fields(sec: Section, insecure: bool) -> dict[str, Any]:
     body = sec.raw("body")
     if body is not MISSING:
-        check_templates(sec.ctx, (*sec.path, "body"), body)
+        # A string body that is JSON text is rendered on its parsed structure (render.py
+        # does the same), so its JSON braces are not placeholders.
+        parsed = body
+        if isinstance(body, str):
+            with contextlib.suppress(json.JSONDecodeError):
+                parsed = json.loads(body)
+        check_templates(sec.ctx, (*sec.path, "body"), parsed)
     return {
         "method": sec.choice("method", METHODS),
         "content_type": sec.choice("content_type", CONTENT_TYPES),

@@ -26,6 +26,7 @@ from .delivery import USER_AGENT, Outcome, Sender
 from .dispatch import WebhookWorker, status_notice
 from .events import Event
 from .metrics import Metrics
+from .registry import DeviceChange, Registry, apply_change
 from .render import Renderer
 from .rules import RuleSet
 from .signing import SecretKeeper
@@ -93,7 +94,8 @@ class Bridge:
         self.notifier: Any = None
         self.source = MqttSource(config.mqtt, self._filters(), self.handle)
         self._tasks: list[asyncio.Task[Any]] = []
-        self._held: deque[tuple[list[NewDelivery], int, asyncio.Future[Any]]] = deque()
+        self._held: deque[tuple[list[NewDelivery], int, Any, asyncio.Future[Any]]] = deque()
+        self.registry = Registry()
         self._drops = DropReporter(self.metrics)
         self._generation: str | None = None
         self._in_flight_written: dict[str, int] = {}
@@ -114,8 +116,19 @@ class Bridge:
         """Decode and match ``message``; the returned future resolves once its deliveries
         are committed (the MQTT ack waits on it)."""
         self.metrics.messages_received.inc()
+        events, change = self.registry.observe(self.events_of(message))
+        items = self._route(events)
+        also = _registry_op(change) if change else None
+        size = sum(len(i.event) + ROW_OVERHEAD for i in items)
+        if self._held or (items and self.config.store.overflow == "backpressure"
+                          and not self.store.has_room(size) and self._queue_in_use()):
+            return self._hold(items, size, also)
+        return self._enqueue(items, size, also)
+
+    def _route(self, events: list[Event]) -> list[NewDelivery]:
+        """One delivery per event and matching webhook, carrying the event's JSON."""
         items: list[NewDelivery] = []
-        for event in self.events_of(message):
+        for event in events:
             self.metrics.events.labels(event.source, event.type).inc()
             names = self.rules.match(event)
             if not names:
@@ -123,18 +136,15 @@ class Bridge:
             body = json.dumps(event.envelope(), separators=(",", ":"),
                               ensure_ascii=False).encode("utf-8")
             items.extend(NewDelivery(n, event.id, event.device_id, body) for n in names)
-        size = sum(len(i.event) + ROW_OVERHEAD for i in items)
-        if self._held or (items and self.config.store.overflow == "backpressure"
-                          and not self.store.has_room(size) and self._queue_in_use()):
-            return self._hold(items, size)
-        return self._enqueue(items, size)
+        return items
 
     def _queue_in_use(self) -> bool:
         return bool(self.store.bytes_queued or self.store.bytes_pending)
 
-    def _enqueue(self, items: list[NewDelivery], size: int) -> asyncio.Future[Any]:
+    def _enqueue(self, items: list[NewDelivery], size: int, also: Any = None
+                 ) -> asyncio.Future[Any]:
         self.store.bytes_pending += size
-        future = self.store.submit(self.store.op_enqueue(items))
+        future = self.store.submit(self.store.op_enqueue(items, also=also))
         future.add_done_callback(lambda f: self._committed(f, items, size))
         return future
 
@@ -154,7 +164,7 @@ class Bridge:
             if worker is not None:
                 worker.wake()
 
-    def _hold(self, items: list[NewDelivery], size: int) -> asyncio.Future[Any]:
+    def _hold(self, items: list[NewDelivery], size: int, also: Any) -> asyncio.Future[Any]:
         """Backpressure: keep the message unacknowledged until the queue has room, so the
         broker holds the rest (it stops sending once our receive window is full)."""
         if not self._held:
@@ -162,7 +172,7 @@ class Bridge:
                         "room (store.overflow: backpressure)",
                         queued_bytes=self.store.bytes_queued, max_size=self.store.max_size)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._held.append((items, size, future))
+        self._held.append((items, size, also, future))
         return future
 
     async def _release_held(self) -> None:
@@ -172,8 +182,8 @@ class Bridge:
             released = 0
             while self._held and (self.store.has_room(self._held[0][1])
                                   or not self._queue_in_use()):
-                items, size, held = self._held.popleft()
-                _chain(self._enqueue(items, size), held)
+                items, size, also, held = self._held.popleft()
+                _chain(self._enqueue(items, size, also), held)
                 released += 1
             if released and not self._held:
                 log.info("queue has room again: acknowledging MQTT messages")
@@ -190,6 +200,7 @@ class Bridge:
 
     async def start(self) -> None:
         await self.store.start()
+        await self.store.read(self.registry.load)
         if self.config.mqtt.embedded:
             await self._start_embedded_broker()
         states = await self.store.read(webhook_rows)
@@ -198,6 +209,8 @@ class Bridge:
                 self._start_worker(webhook, states.get(webhook.name, {}).get("state", ENABLED))
         self._tasks.append(asyncio.create_task(self._watch(), name="watch"))
         self._tasks.append(asyncio.create_task(self._release_held(), name="backpressure"))
+        self._tasks.append(asyncio.create_task(self._expire_registrations(),
+                                               name="lifetimes"))
         self._tasks.append(self.source.start())
         log.info("bridge started", sources=len(self.decoders), webhooks=len(self.workers),
                  store=self.config.store.path)
@@ -256,6 +269,7 @@ class Bridge:
             return
         self._generation = generation
         await self.store.remeasure()
+        await self.store.read(self.registry.load)  # a device deleted by a command
         self.store.space_freed.set()
         rows = await self.store.read(webhook_rows)
         for name, worker in self.workers.items():
@@ -265,6 +279,19 @@ class Bridge:
                 worker.set_state(state)
                 await self._publish_state(name, state, "changed by command")
             worker.wake()  # dead letters replayed by a command are due now
+
+    async def _expire_registrations(self) -> None:
+        """LwM2M registrations whose lifetime passed with no update: deregistered."""
+        while True:
+            deadline = self.registry.next_deadline()
+            delay = POLL if deadline is None else min(max(deadline - time.time(), 0.0), POLL)
+            await asyncio.sleep(delay)
+            events, change = self.registry.expire(time.time())
+            if events:
+                items = self._route(events)
+                size = sum(len(i.event) + ROW_OVERHEAD for i in items)
+                await self._enqueue(items, size, _registry_op(change))
+                log.info("lwm2m registrations expired", devices=[e.device_id for e in events])
 
     async def _record_in_flight(self) -> None:
         counts = {name: len(w.in_flight) for name, w in self.workers.items()}
@@ -390,6 +417,10 @@ class Bridge:
             await self.broker.shutdown()
         self.stopped.set()
         log.info("bridge stopped")
+
+
+def _registry_op(change: DeviceChange) -> Any:
+    return lambda conn: apply_change(conn, change, time.time())
 
 
 def _chain(source: asyncio.Future[Any], target: asyncio.Future[Any]) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import WebhookConfig
-from .events import Event
+from .events import Event, iso_now
 from .templates import Template, TemplateError, compile_template, lookup, to_text
 
 CONTENT_TYPES = {
@@ -141,6 +141,8 @@ class Renderer:
             return event.payload
         if webhook.envelope == "iottly":
             return {"msg": event.payload}
+        if webhook.envelope == "zerynth":
+            return zerynth_item(event)
         return envelope
 
     def encode_body(self, value: Any) -> bytes:
@@ -182,4 +184,31 @@ def _batch_item(index: int, event_id: str, value: Any) -> dict[str, Any]:
         item.update((k, v) for k, v in value.items() if k != "id")
     else:
         item["payload"] = value
+    return item
+
+
+def zerynth_item(event: Event) -> dict[str, Any]:
+    """Zerynth's field names: the data format for telemetry, the event format otherwise
+    (labels ``workspace``, ``fleet``, ``tag``, ``asset_id``, ``asset_name``, ``device_name``
+    fill the ids; a payload ``ts`` in unix seconds is the device's timestamp)."""
+    labels = event.labels
+    common = {"workspace_id": labels.get("workspace"), "fleet_id": labels.get("fleet"),
+              "device_id": event.device_id}
+    if event.type != "telemetry":
+        return {"ts": event.received_at, **common, "type": event.type, "direction": "d2c",
+                "payload": event.payload}
+    payload = event.payload
+    device_ts = payload.get("ts") if isinstance(payload, dict) else None
+    item = {
+        "timestamp_device": iso_now(device_ts) if isinstance(device_ts, (int, float))
+        and not isinstance(device_ts, bool) else event.received_at,
+        "timestamp_in": event.received_at,
+        "tag": labels.get("tag"),
+        **common,
+        "device_name": labels.get("device_name", event.device_id),
+        "payload": payload,
+    }
+    for optional in ("asset_id", "asset_name"):
+        if optional in labels:
+            item[optional] = labels[optional]
     return item

@@ -2,7 +2,10 @@
 
 Owns the compiled form of each webhook's selection and the one question asked of it per
 event. ``invalid`` events go only to webhooks that list that type by name: a glob such as
-``*`` never sends undecodable payloads to an endpoint that did not ask for them.
+``*`` never sends undecodable payloads to an endpoint that did not ask for them. The
+registry's lifecycle events (``device.created`` and friends, which no message carries)
+go only to webhooks whose ``events`` ask for them, so a plain telemetry webhook receives
+what its devices publish and nothing more.
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ import jmespath
 
 from .config import WebhookConfig
 from .events import INVALID, Event
+
+OPT_IN = frozenset({"device.created", "device.first_registration", "device.deregistration",
+                    "device.deleted"})
 
 
 class Rule:
@@ -39,7 +45,10 @@ class Rule:
         if event.type == INVALID:
             if not self.wants_invalid:
                 return False
-        elif self.events is not None and not self.events.match(event.type):
+        elif self.events is None:
+            if event.type in OPT_IN:
+                return False
+        elif not self.events.match(event.type):
             return False
         if self.channel is not None:
             payload = event.payload

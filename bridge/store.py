@@ -76,6 +76,16 @@ CREATE TABLE IF NOT EXISTS webhooks (
     created REAL,
     modified REAL
 );
+CREATE TABLE IF NOT EXISTS devices (
+    id TEXT PRIMARY KEY,
+    source TEXT,
+    topic TEXT,
+    first_seen REAL NOT NULL,
+    ever_registered INTEGER NOT NULL DEFAULT 0,
+    registered INTEGER NOT NULL DEFAULT 0,
+    lifetime INTEGER,
+    last_registration REAL
+);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 """
 SCHEMA_VERSION = "1"
@@ -264,10 +274,14 @@ class Store:
 
     # -- operations (run in the writer thread, inside a transaction) -------------------
 
-    def op_enqueue(self, items: list[NewDelivery], now: float | None = None) -> Operation:
+    def op_enqueue(self, items: list[NewDelivery], now: float | None = None,
+                   also: Operation | None = None) -> Operation:
         """Queue deliveries; with ``overflow: drop_oldest`` make room first by dropping
-        the oldest queued deliveries. Returns ``{webhook: dropped}``."""
+        the oldest queued deliveries. ``also`` runs in the same transaction (the device
+        registry's change). Returns ``{webhook: dropped}``."""
         def enqueue(conn: sqlite3.Connection) -> dict[str, int]:
+            if also is not None:
+                also(conn)
             if not items:
                 return {}
             ts = time.time() if now is None else now

@@ -71,6 +71,9 @@ class Mosquitto:
         self.conf.write_text(
             f"listener {self.port} 127.0.0.1\n"
             "allow_anonymous true\n"
+            # As root Mosquitto would switch to the 'mosquitto' user, who cannot write
+            # its persistence file in the test's directory.
+            + ("user root\n" if os.geteuid() == 0 else "")
             + (f"persistence true\npersistence_location {workdir}/\n" if persistence
                else "persistence false\n") +
             "max_queued_messages 1000000\n"

@@ -409,7 +409,7 @@ def test_duplicate_yaml_key(tmp_path: Path) -> None:
     ("enabled: maybe", "expected true or false, got 'maybe'"),
     ("concurrency: 0", "must be at least 1, got 0"),
     ("method: GET", "invalid value 'GET'; use one of: POST, PUT, PATCH"),
-    ("envelope: evnt", "use one of: event, payload, iottly; did you mean 'event'?"),
+    ("envelope: evnt", "use one of: event, payload, iottly, zerynth; did you mean 'event'?"),
     ("rate_limit: 5/fortnight", "invalid rate '5/fortnight'"),
     ("failure_limit: -1", "must be at least 0, got -1"),
     ("headers: [a]", "expected a mapping of names to values, got a list"),
