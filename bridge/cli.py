@@ -26,6 +26,7 @@ from .config import (
     load_config,
     parse_duration,
 )
+from .daemon import StartError
 from .events import iso_now
 from .store import (
     DISABLED,
@@ -287,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         _print_problems(error)
         return EX_CONFIG
-    except (Fatal, StoreError) as error:
+    except (Fatal, StoreError, StartError) as error:
         print(f"webhook-bridge: {logs.redact(str(error))}", file=sys.stderr)
         return EX_FAIL
     except KeyboardInterrupt:

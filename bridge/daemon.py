@@ -21,6 +21,7 @@ from typing import Any
 
 import structlog
 
+from . import logs
 from .config import Config, ConfigError, WebhookConfig, load_config
 from .delivery import USER_AGENT, Outcome, Sender
 from .dispatch import WebhookWorker, status_notice
@@ -33,6 +34,7 @@ from .signing import SecretKeeper
 from .sources.decode import SourceDecoder
 from .sources.mqtt import Message, MqttSource
 from .store import ENABLED, ROW_OVERHEAD, NewDelivery, Store, webhook_rows
+from .systemd import Notifier, run_watchdog
 
 log = structlog.get_logger("bridge.daemon")
 
@@ -102,6 +104,7 @@ class Bridge:
         self._files_seen = self._config_files()
         self._reload_lock = asyncio.Lock()
         self.stopped = asyncio.Event()
+        self.accepted = 0
 
     def _filters(self) -> list[tuple[str, int]]:
         best: dict[str, int] = {}
@@ -157,6 +160,7 @@ class Bridge:
                       cause=str(future.exception()))
             return
         self.metrics.messages_accepted.inc()
+        self.accepted += 1
         if future.result():
             self._drops.add(future.result())
         for name in {i.webhook for i in items}:
@@ -200,6 +204,16 @@ class Bridge:
 
     async def start(self) -> None:
         await self.store.start()
+        if self.config.admin.listen is not None:
+            from .admin import AdminServer
+
+            self.admin = AdminServer(self)
+            try:
+                await self.admin.start()
+            except OSError as exc:
+                raise StartError(f"admin server cannot listen on "
+                                 f"{self.config.admin.listen}: {exc.strerror or exc}; "
+                                 "change admin.listen or stop what uses that port") from exc
         await self.store.read(self.registry.load)
         if self.config.mqtt.embedded:
             await self._start_embedded_broker()
@@ -345,6 +359,7 @@ class Bridge:
             if getattr(old, key) != getattr(new, key):
                 log.warning("this section changes only on restart", section=key)
         new = replace(new, mqtt=old.mqtt, store=old.store, admin=old.admin)
+        logs.register_secrets(logs.config_secrets(new))
         before = {w.name: w for w in old.webhooks if w.enabled}
         after = {w.name: w for w in new.webhooks if w.enabled}
         # New rules first: from now on messages are matched against the new webhooks;
@@ -382,6 +397,18 @@ class Bridge:
         finally:
             await sender.close()
 
+    def alive(self) -> bool:
+        """The stages are running (the systemd watchdog pings only while this holds).
+        A failed store is not death: restarting would not free a full disk."""
+        tasks = [*self._tasks, *(w.task for w in self.workers.values())]
+        return all(t is not None and not t.done() for t in tasks)
+
+    def status_text(self) -> str:
+        mqtt = "connected" if self.source.connected.is_set() else "connecting"
+        queued = self.store.bytes_queued
+        return (f"mqtt {mqtt}; {len(self.workers)} webhooks; queue {queued} B; "
+                f"{self.accepted} messages accepted")
+
     @property
     def ready(self) -> bool:
         """Connected to the broker and the store writable (``/readyz``)."""
@@ -404,6 +431,8 @@ class Bridge:
         close everything. Nothing is lost: unacked messages stay with the broker, and
         unfinished deliveries stay queued."""
         log.info("bridge stopping")
+        if self.admin is not None:
+            await self.admin.stop()
         await self.source.stop(drain=lambda: self.store.write(lambda conn: None))
         await asyncio.gather(*(w.stop(DRAIN_GRACE) for w in self.workers.values()))
         for task in [*self._tasks, *(w.task for w in self.workers.values())]:
@@ -437,9 +466,15 @@ def _chain(source: asyncio.Future[Any], target: asyncio.Future[Any]) -> None:
     source.add_done_callback(copy)
 
 
+class StartError(Exception):
+    """The bridge cannot start (reported as one line, exit 1)."""
+
+
 async def run(config: Config) -> int:
-    """Run until SIGTERM/SIGINT; SIGHUP reloads. Return the exit code."""
+    """Run until SIGTERM/SIGINT; SIGHUP reloads. Speaks the systemd notify protocol
+    (READY, STATUS, WATCHDOG, RELOADING, STOPPING). Return the exit code."""
     bridge = Bridge(config)
+    bridge.notifier = notifier = Notifier()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -448,7 +483,12 @@ async def run(config: Config) -> int:
         bridge.reload_logged("SIGHUP")))
     started = time.monotonic()
     await bridge.start()
+    notifier.ready(bridge.status_text())
+    watchdog = asyncio.create_task(run_watchdog(notifier, bridge.alive, bridge.status_text))
     await stop.wait()
+    notifier.stopping()
+    watchdog.cancel()
     await bridge.stop()
+    notifier.close()
     log.info("exit", uptime_s=round(time.monotonic() - started, 1))
     return 0
