@@ -28,15 +28,20 @@ from .config import (
 )
 from .daemon import StartError
 from .events import iso_now
+from .registry import deleted_event, encode, get_device, list_devices
+from .rules import RuleSet
 from .store import (
     DISABLED,
     ENABLED,
+    ROW_OVERHEAD,
     StoreError,
+    bump_generation,
     connect,
     dead_list,
     dead_purge,
     dead_replay,
     set_state,
+    transaction,
     webhook_rows,
 )
 
@@ -225,6 +230,59 @@ def _print_dead(rows: list[dict[str, Any]], action: str, as_json: bool) -> None:
     print(f"{len(rows)} dead letter{'s' if len(rows) != 1 else ''}")
 
 
+def cmd_devices(args: argparse.Namespace) -> int:
+    """``devices list|show ID|delete ID``; delete yields ``device.deleted``."""
+    config = _load(args)
+    conn = _open_store(config)
+    try:
+        if args.action == "list":
+            rows = list_devices(conn)
+            if args.json:
+                print(json.dumps(rows, indent=2))
+                return EX_OK
+            print(f"{'DEVICE':32} {'SOURCE':16} {'FIRST SEEN':24} {'LWM2M':12}")
+            for r in rows:
+                lwm2m = ("registered" if r["registered"] else
+                         "deregistered" if r["ever_registered"] else "-")
+                print(f"{r['id'][:32]:32} {(r['source'] or '-')[:16]:16} "
+                      f"{_iso(r['first_seen']):24} {lwm2m:12}")
+            print(f"{len(rows)} device{'s' if len(rows) != 1 else ''}")
+            return EX_OK
+        if not args.id:
+            raise Fatal(f"devices {args.action} needs a device ID")
+        device = get_device(conn, args.id)
+        if device is None:
+            raise Fatal(f"no device {args.id!r} in the registry "
+                        "(webhook-bridge devices list shows them)")
+        if args.action == "show":
+            print(json.dumps(device, indent=2))
+            return EX_OK
+        count = _delete_device(config, conn, device)
+        print(f"deleted {args.id}; device.deleted queued for {count} webhook"
+              f"{'s' if count != 1 else ''}")
+    finally:
+        conn.close()
+    return EX_OK
+
+
+def _delete_device(config: Config, conn: sqlite3.Connection, device: dict[str, Any]) -> int:
+    """Remove the device and queue its ``device.deleted`` event in one transaction (the
+    running daemon picks the deliveries up within a second)."""
+    event = deleted_event(device)
+    names = RuleSet(tuple(w for w in config.webhooks if w.enabled)).match(event)
+    body = encode(event)
+    now = time.time()
+    with transaction(conn):
+        conn.executemany(
+            "INSERT INTO deliveries (webhook, event_id, device_id, event, size, created, due)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [(n, event.id, event.device_id, body, len(body) + ROW_OVERHEAD, now, now)
+             for n in names])
+        conn.execute("DELETE FROM devices WHERE id = ?", (device["id"],))
+        bump_generation(conn)
+    return len(names)
+
+
 # -- parser -----------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -260,6 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
     dead.add_argument("--since", metavar="WHEN", help="a duration ago (2h, 7d) or ISO time")
     dead.add_argument("--json", action="store_true")
     dead.add_argument("--all", action="store_true", help="purge: every dead letter")
+
+    devices = add("devices", cmd_devices, "the device registry: list, show, delete")
+    devices.add_argument("action", choices=["list", "show", "delete"])
+    devices.add_argument("id", nargs="?", metavar="ID")
+    devices.add_argument("--json", action="store_true")
 
     from . import tools
 

@@ -140,6 +140,7 @@ class SourceConfig:
     format: str = "json"  # json | text | binary | senml | senml-cbor | lwm2m-emqx
     type: str = "telemetry"  # fixed type or template such as "{payload.event}"
     labels: dict[str, str] = field(default_factory=dict)  # values may be templates
+    type_map: dict[str, str] = field(default_factory=dict)  # rendered type -> event type
 
 
 @dataclass(frozen=True)
@@ -422,12 +423,37 @@ def _parse_source(sec: Section) -> SourceConfig | None:
     labels = sec.string_map("labels")
     if isinstance(labels, dict):
         check_templates(sec.ctx, (*sec.path, "labels"), labels)
-    fields = {"qos": sec.choice("qos", QOS_LEVELS), "format": sec.choice("format", FORMATS),
-              "type": _template(sec, "type"), "labels": labels}
+    fmt = sec.choice("format", FORMATS)
+    fields = {"qos": sec.choice("qos", QOS_LEVELS), "format": fmt,
+              "type": _template(sec, "type"), "labels": labels,
+              "type_map": _type_map(sec, fmt)}
     sec.finish()
     if name is MISSING or topic is MISSING:
         return None
     return _build(SourceConfig, name=name, topic=topic, **fields)
+
+
+def _type_map(sec: Section, fmt: Any) -> Any:
+    """``type_map``: rendered ``type`` -> event type, both non-empty text. Not for
+    ``lwm2m-emqx`` sources, whose types come from the messages (and drive the registry)."""
+    mapping = sec.string_map("type_map")
+    if not isinstance(mapping, dict):
+        return mapping
+    if fmt == "lwm2m-emqx":
+        sec.problem("type_map", "does not apply to format lwm2m-emqx (its event types come"
+                    " from the LwM2M messages); remove it", at_key=True)
+        return MISSING
+    result: dict[str, str] = {}
+    for name, value in mapping.items():
+        path = (*sec.path, "type_map", name)
+        if not name:
+            sec.ctx.problem(path, "an empty type cannot be mapped; remove the entry", key=True)
+        elif not value.strip():
+            sec.ctx.problem(path, f"maps {name!r} to an empty event type; give a type such as"
+                            " connection")
+        else:
+            result[name] = value
+    return result
 
 
 def _parse_webhook(sec: Section) -> WebhookConfig | None:

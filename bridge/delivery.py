@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 import yarl
 
-from . import __version__
+from . import __version__, logs
 from .config import TLSConfig, WebhookConfig
 from .render import Request
 from .signing import SecretKeeper, signature_headers
@@ -153,6 +153,7 @@ class OAuth2Token:
             if not isinstance(token, str) or not token:
                 raise TokenError("token endpoint answered without an access_token", None)
             lifetime = float(data.get("expires_in") or 3600)
+            logs.register_rotating(f"oauth2:{self.auth.token_url}:{self.auth.client_id}", token)
             self._token = token
             self._expires = time.monotonic() + max(lifetime - min(30.0, lifetime / 10), 1.0)
             return token

@@ -23,13 +23,34 @@ _AUTH_HEADER = re.compile(r"(?i)((?:authorization|x-auth-token)['\"]?\s*[:=]\s*[
                           r"(basic|bearer)?\s*[^'\",}\s]+")
 
 
+_rotating: dict[str, str] = {}
+
+
 def register_secrets(values: Iterable[str | None]) -> None:
     """Remember values that must never be logged (shorter than 4 chars are ignored)."""
+    new = {v for v in values if v and len(v) >= 4} - _secrets
+    if new:
+        _secrets.update(new)
+        _compile()
+
+
+def register_rotating(slot: str, value: str) -> None:
+    """A secret that replaces its predecessor (an OAuth2 access token): the old one is
+    forgotten so years of hourly tokens do not pile up in the pattern."""
+    old = _rotating.get(slot)
+    if old == value:
+        return
+    if old is not None:
+        _secrets.discard(old)
+    _rotating[slot] = value
+    register_secrets([value])
+    _compile()
+
+
+def _compile() -> None:
     global _pattern
-    _secrets.update(v for v in values if v and len(v) >= 4)
-    if _secrets:
-        ordered = sorted(_secrets, key=len, reverse=True)
-        _pattern = re.compile("|".join(re.escape(s) for s in ordered))
+    ordered = sorted(_secrets, key=len, reverse=True)
+    _pattern = re.compile("|".join(re.escape(s) for s in ordered)) if ordered else None
 
 
 def redact(text: str) -> str:

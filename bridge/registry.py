@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,38 +36,93 @@ class DeviceChange:
     seen: dict[str, tuple[str, str]] = field(default_factory=dict)  # id -> (source, topic)
     registered: dict[str, int | None] = field(default_factory=dict)  # id -> lifetime
     deregistered: set[str] = field(default_factory=set)
+    first_registered: set[str] = field(default_factory=set)  # memory only (for revert)
+    applied: bool = False
+    """Set by :func:`apply_change` (in the store's writer thread); until then the change is
+    certainly not in the database."""
 
     def __bool__(self) -> bool:
         return bool(self.seen or self.registered or self.deregistered)
 
 
 class Registry:
-    """In-memory view of the ``devices`` table, kept in step with it."""
+    """In-memory view of the ``devices`` table, kept in step with it.
+
+    The daemon owns the in-memory state; the table is its durable copy (written in the
+    same transaction as the deliveries of the message that changed it). :meth:`load`
+    runs in the store's reader thread, once at start-up (everything) and again whenever
+    a command changed the store (then only devices deleted by ``devices delete`` are
+    forgotten), so it works under a lock and never empties the view while messages are
+    being observed.
+    """
 
     def __init__(self) -> None:
         self.known: set[str] = set()
         self.ever_registered: set[str] = set()
         self.sources: dict[str, tuple[str, str]] = {}
+        self.labels: dict[str, dict[str, str]] = {}  # the last labels seen (memory only)
         self.lifetimes = RegistrationTracker()
+        self._lock = threading.RLock()
+        self._loaded = False
+        # Changes that introduced devices and may not be committed yet: load() must not
+        # take such a device for one deleted by a command.
+        self._unsettled: list[DeviceChange] = []
 
     def load(self, conn: sqlite3.Connection, now: float | None = None) -> None:
         now = time.time() if now is None else now
-        self.known.clear()
-        self.ever_registered.clear()
-        self.sources.clear()
-        self.lifetimes = RegistrationTracker()
         rows = conn.execute("SELECT id, source, topic, ever_registered, registered, lifetime,"
                             " last_registration FROM devices").fetchall()
-        for device, source, topic, ever, registered, lifetime, last in rows:
-            self.known.add(device)
-            self.sources[device] = (source or "", topic or "")
-            if ever:
-                self.ever_registered.add(device)
-            if registered and lifetime:
-                self.lifetimes.register(device, lifetime, last or now)
+        with self._lock:
+            if not self._loaded:
+                self._loaded = True
+                for device, source, topic, ever, registered, lifetime, last in rows:
+                    self.known.add(device)
+                    self.sources[device] = (source or "", topic or "")
+                    if ever:
+                        self.ever_registered.add(device)
+                    if registered and lifetime:
+                        self.lifetimes.register(device, lifetime, last or now)
+                return
+            present = {row[0] for row in rows}
+            self._unsettled = [c for c in self._unsettled if not c.applied]
+            pending = {device for change in self._unsettled for device in change.seen}
+            for device in [d for d in self.known if d not in present and d not in pending]:
+                self.forget(device)
+            for device, source, topic, ever, _registered, _lifetime, _last in rows:
+                if device not in self.known:  # written by another process
+                    self.known.add(device)
+                    self.sources[device] = (source or "", topic or "")
+                    if ever:
+                        self.ever_registered.add(device)
+
+    def forget(self, device: str) -> None:
+        """Drop a device (deleted by an operator): its next message makes it new again."""
+        with self._lock:
+            self.known.discard(device)
+            self.ever_registered.discard(device)
+            self.sources.pop(device, None)
+            self.labels.pop(device, None)
+            self.lifetimes.deregister(device)
+
+    def revert(self, change: DeviceChange) -> None:
+        """Undo what :meth:`observe` did for ``change`` when its transaction failed (the
+        broker sends the message again, and its lifecycle events must come again)."""
+        with self._lock:
+            for device in change.seen:
+                self.known.discard(device)
+            self.ever_registered -= change.first_registered
 
     def observe(self, events: list[Event]) -> tuple[list[Event], DeviceChange]:
         """The events plus the lifecycle events they imply, and the registry change."""
+        with self._lock:
+            out, change = self._observe(events)
+            if change.seen:
+                if len(self._unsettled) > 32:
+                    self._unsettled = [c for c in self._unsettled if not c.applied]
+                self._unsettled.append(change)
+            return out, change
+
+    def _observe(self, events: list[Event]) -> tuple[list[Event], DeviceChange]:
         change = DeviceChange()
         out: list[Event] = []
         now = time.time()
@@ -81,6 +137,7 @@ class Registry:
             if not device:
                 continue
             self.sources[device] = (event.source, event.topic)
+            self.labels[device] = event.labels
             if event.type in (REGISTRATION, REGISTRATION_UPDATE):
                 lifetime = _lifetime(event.payload)
                 if event.type == REGISTRATION or device not in self.lifetimes:
@@ -90,6 +147,7 @@ class Registry:
                 change.registered[device] = lifetime
                 if event.type == REGISTRATION and device not in self.ever_registered:
                     self.ever_registered.add(device)
+                    change.first_registered.add(device)
                     out.append(_derived(event, FIRST_REGISTRATION, event.payload))
             elif event.type == DEREGISTRATION:
                 self.lifetimes.deregister(device)
@@ -100,16 +158,19 @@ class Registry:
         """Deregistration events for registrations whose lifetime has passed."""
         change = DeviceChange()
         events = []
-        for device in self.lifetimes.expired(now):
+        with self._lock:
+            expired = self.lifetimes.expired(now)
+        for device in expired:
             source, topic = self.sources.get(device, ("", ""))
             events.append(Event(type=DEREGISTRATION, source=source, topic=topic,
-                                device_id=device,
+                                device_id=device, labels=dict(self.labels.get(device, {})),
                                 payload={"reason": "lifetime_expired", "endpoint": device}))
             change.deregistered.add(device)
         return events, change
 
     def next_deadline(self) -> float | None:
-        return self.lifetimes.next_deadline()
+        with self._lock:
+            return self.lifetimes.next_deadline()
 
 
 def _lifetime(payload: Any) -> int | None:
@@ -134,6 +195,7 @@ def apply_change(conn: sqlite3.Connection, change: DeviceChange, now: float) -> 
                      (lifetime, now, device))
     for device in change.deregistered:
         conn.execute("UPDATE devices SET registered = 0 WHERE id = ?", (device,))
+    change.applied = True
 
 
 # -- for the `devices` command (any process) --------------------------------------------

@@ -179,14 +179,15 @@ def print_outcome(outcome: Outcome) -> None:
         print(f"no response ({elapsed}): {outcome.cause}")
     else:
         print(f"HTTP {outcome.status} ({elapsed})")
+        # An endpoint may echo credentials back (an error page quoting the request).
         for name, value in (outcome.headers or {}).items():
-            print(f"{name}: {value}")
+            print(f"{name}: {logs.redact(value)}")
         if outcome.response:
             print()
-            print(format_body(outcome.response.encode(), (outcome.headers or {}).get(
-                "Content-Type", "")))
+            print(logs.redact(format_body(outcome.response.encode(),
+                                          (outcome.headers or {}).get("Content-Type", ""))))
     cause = f": {outcome.cause}" if outcome.kind != DELIVERED and outcome.cause else ""
-    print(f"\nresult: {outcome.kind}{cause}", flush=True)
+    print(f"\nresult: {outcome.kind}{logs.redact(cause)}", flush=True)
 
 
 async def _send(sender: Sender, request: Request, msg_id: str) -> Outcome:

@@ -266,6 +266,17 @@ class Daemon:
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def rewrite(self, config: dict[str, Any] | str) -> None:
+        """Replace the config file atomically (the daemon also watches it)."""
+        text = config if isinstance(config, str) else yaml.safe_dump(config, sort_keys=False)
+        temp = self.config_path.with_suffix(".tmp")
+        temp.write_text(text)
+        os.replace(temp, self.config_path)
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
     def cli(self, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
         return run_cli(*args, "-c", str(self.config_path), env=self.env, timeout=timeout)
 

@@ -189,6 +189,7 @@ sources:
     format: senml
     type: "{payload.event}"
     labels: {fleet: flt-1, n: 7, up: true}
+    type_map: {online: connection, 0: disconnection}
 webhooks:
   - name: cloud
     description: to the cloud
@@ -242,7 +243,8 @@ def test_full_config_parses_every_key(tmp_path: Path) -> None:
     assert (config.log.format, config.log.level) == ("json", "debug")
     assert config.sources == (SourceConfig(
         name="telemetry", topic="devices/{device_id}/+/#", qos=2, format="senml",
-        type="{payload.event}", labels={"fleet": "flt-1", "n": "7", "up": "true"}),)
+        type="{payload.event}", labels={"fleet": "flt-1", "n": "7", "up": "true"},
+        type_map={"online": "connection", "0": "disconnection"}),)
     assert config.webhooks == (WebhookConfig(
         name="cloud", url="https://api.example.com/ingest/{device_id}?site={labels.site}",
         description="to the cloud", enabled=False, sources=("telemetry",),
@@ -552,6 +554,62 @@ def test_source_enumerations_and_names(tmp_path: Path) -> None:
     assert "use one of: 0, 1, 2" in problems[1]
     assert "use one of: json, text, binary, senml, senml-cbor, lwm2m-emqx" in problems[2]
     assert "use one of: debug, info, warning, error" in problems[3]
+
+
+def test_type_map_maps_rendered_types(tmp_path: Path) -> None:
+    path = write(tmp_path / "c.yaml", """
+        sources:
+          - name: status
+            topic: devices/{device_id}/status
+            format: text
+            type: "{payload}"
+            type_map: {online: connection, offline: disconnection, on: "yes", 1: up}
+          - name: plain
+            topic: devices/{device_id}/telemetry
+    """)
+    status, plain = load_config(str(path)).sources
+    # Keys and values are read as written (no YAML 1.1 booleans, numbers as text).
+    assert status.type_map == {"online": "connection", "offline": "disconnection",
+                               "on": "yes", "1": "up"}
+    assert plain.type_map == {}
+
+
+@pytest.mark.parametrize(("line", "expected"), [
+    ("type_map: [online, offline]", "expected a mapping of names to values, got a list"),
+    ("type_map: {online: ''}", "maps 'online' to an empty event type"),
+    ("type_map: {online: [a]}", "expected a text value, got a list"),
+    ("type_map: {'': connection}", "an empty type cannot be mapped"),
+    ("typemap: {online: connection}", "unknown key 'typemap'; did you mean 'type_map'?"),
+])
+def test_type_map_errors(tmp_path: Path, line: str, expected: str) -> None:
+    path = write(tmp_path / "c.yaml", "sources:\n  - name: s\n    topic: a/{device_id}\n"
+                 f"    format: text\n    {line}\n")
+    problem = only_problem(path)
+    assert problem.startswith(f"{path}:5:"), problem
+    assert f": sources[0].{line.split(':')[0]}" in problem
+    assert expected in problem
+
+
+def test_type_map_refused_on_lwm2m_sources(tmp_path: Path) -> None:
+    path = write(tmp_path / "c.yaml", """
+        sources:
+          - name: lwm2m
+            topic: lwm2m/{device_id}/up/#
+            format: lwm2m-emqx
+            type_map: {device.write: write}
+    """)
+    assert_at(only_problem(path), path, 5, "sources[0].type_map",
+              "does not apply to format lwm2m-emqx", "remove it")
+
+
+def test_type_map_validates_against_schema(tmp_path: Path) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    validator = jsonschema.Draft202012Validator(json.loads(SCHEMA.read_text()))
+    source = {"name": "s", "topic": "a/{device_id}", "format": "text", "type": "{payload}",
+              "type_map": {"online": "connection", "offline": "disconnection"}}
+    validator.validate({"sources": [source]})
+    for bad in ({"online": ""}, {"": "connection"}, {"online": ["a"]}, ["online"]):
+        assert not validator.is_valid({"sources": [{**source, "type_map": bad}]}), bad
 
 
 def test_every_problem_is_collected_in_file_order(tmp_path: Path) -> None:

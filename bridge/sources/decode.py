@@ -1,9 +1,12 @@
 """Decoding: one MQTT message on one source -> the events it yields.
 
 Owns the payload formats (``json``, ``text``, ``binary`` here; ``senml``, ``senml-cbor`` and
-``lwm2m-emqx`` through their modules), the source's ``type`` and ``labels`` templates, and
-the rule that nothing is dropped silently: a payload that does not decode becomes an
-``invalid`` event carrying ``payload_raw`` and ``decode_error``.
+``lwm2m-emqx`` through their modules), the source's ``type`` template and ``type_map``, its
+``labels`` templates, and the rule that nothing is dropped silently: a payload that does
+not decode becomes an ``invalid`` event carrying ``payload_raw`` and ``decode_error``.
+
+Topic captures other than ``{device_id}`` become labels of the same name; the ``labels``
+templates are rendered after the type, so they may use ``{type}``.
 """
 
 from __future__ import annotations
@@ -64,6 +67,12 @@ class SourceDecoder:
         self.source = source
         self.topic = TopicTemplate.parse(source.topic)
         self.type_template: Template = compile_template(source.type)
+        # A fixed type is mapped once here; a template's result is mapped per message.
+        self.type_map: dict[str, str] = dict(source.type_map)
+        self._fixed_type: str | None = None
+        if self.type_template.is_literal:
+            fixed = self.type_template.render({})
+            self._fixed_type = self.type_map.get(fixed, fixed)
         self.label_templates = {k: compile_template(v) for k, v in source.labels.items()}
         self._lwm2m: Any = None
         if source.format == "lwm2m-emqx":
@@ -108,12 +117,17 @@ class SourceDecoder:
         return events
 
     def _finish(self, event: Event, raw: bytes, keep_type: bool = False) -> Event:
-        """Apply the type and label templates; a template the payload cannot fill makes
-        the event ``invalid`` rather than losing it."""
+        """Apply the type template and ``type_map``, then the label templates; a template
+        the payload cannot fill makes the event ``invalid`` rather than losing it."""
         context = event.envelope()
         try:
             if not keep_type:
-                event.type = self.type_template.render(context)
+                if self._fixed_type is not None:
+                    event.type = self._fixed_type
+                else:
+                    rendered = self.type_template.render(context)
+                    event.type = self.type_map.get(rendered, rendered)
+                context["type"] = event.type
             for name, template in self.label_templates.items():
                 event.labels[name] = template.render(context)
         except TemplateError as exc:
