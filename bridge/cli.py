@@ -133,13 +133,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"webhooks": rows}, indent=2))
         return EX_OK
-    header = f"{'WEBHOOK':24} {'STATE':24} {'QUEUED':>7} {'DELIVERED':>9} {'FAILED':>7} " \
-             f"{'DEAD':>5} {'ATTEMPTS':>8} {'FAILS':>5}  LAST ERROR"
-    print(header)
+    print(f"{'WEBHOOK':20} {'STATE':22} {'QUEUED':>7} {'FLIGHT':>6} {'DELIVERED':>9} "
+          f"{'FAILED':>6} {'DEAD':>5} {'DROPPED':>7} {'ATTEMPTS':>8} {'FAILS':>5} "
+          f"{'LAST TRIGGERED':24}  LAST ERROR")
     for r in rows:
-        print(f"{r['name'][:24]:24} {r['state']:24} {r['queued']:>7} {r['delivered']:>9} "
-              f"{r['failed']:>7} {r['dead']:>5} {r['attempts']:>8} "
-              f"{r['consecutive_failures']:>5}  {(r['last_error'] or '-')[:60]}")
+        last = _iso(r["last_triggered"] / 1000) if r["last_triggered"] else "-"
+        print(f"{r['name'][:20]:20} {r['state']:22} {r['queued']:>7} {r['in_flight']:>6} "
+              f"{r['delivered']:>9} {r['failed']:>6} {r['dead']:>5} {r['dropped']:>7} "
+              f"{r['attempts']:>8} {r['consecutive_failures']:>5} {last:24}  "
+              f"{(r['last_error'] or '-')[:60]}")
     return EX_OK
 
 

@@ -355,10 +355,10 @@ class Bridge:
 
     async def _apply(self, new: Config) -> None:
         old = self.config
-        for key in ("mqtt", "store", "admin"):
+        for key in ("mqtt", "store", "admin", "log"):
             if getattr(old, key) != getattr(new, key):
                 log.warning("this section changes only on restart", section=key)
-        new = replace(new, mqtt=old.mqtt, store=old.store, admin=old.admin)
+        new = replace(new, mqtt=old.mqtt, store=old.store, admin=old.admin, log=old.log)
         logs.register_secrets(logs.config_secrets(new))
         before = {w.name: w for w in old.webhooks if w.enabled}
         after = {w.name: w for w in new.webhooks if w.enabled}
@@ -377,6 +377,11 @@ class Bridge:
         gone = {w.name for w in old.webhooks} - {w.name for w in new.webhooks}
         for name in gone:
             count = await self.store.write(self.store.op_dead_all(name, REMOVED_REASON))
+            # No status row, no metrics series, no retained notice for a webhook that
+            # no longer exists (its dead letters stay until purged).
+            await self.store.write(self.store.op_forget_webhook(name))
+            await self.source.publish(status_topic(self.config.mqtt.client_id, name), b"")
+            self.metrics.forget(name)
             if count:
                 log.warning("queued deliveries of a removed webhook moved to the dead "
                             "letters", webhook=name, count=count)

@@ -136,6 +136,7 @@ class WebhookWorker:
         while self.capacity > 0 and not self._stopping:
             if self._bucket is not None and (wait := self._bucket.wait_time()) > 0:
                 return wait
+            epoch = self._epoch
             if self.webhook.batch is not None:
                 rows, wait = await self._next_batch(now)
             else:
@@ -143,10 +144,20 @@ class WebhookWorker:
                 rows = [row] if row is not None else []
             if not rows:
                 return None if wait == _BLOCKED else wait
+            if not self._may_still_start(epoch):
+                # An attempt failed (or the state changed) while we read the queue: the
+                # pause and the single probe now rule, so look again from the top.
+                self.store.leased.difference_update(r.id for r in rows)
+                self._clear_ready()  # refetch in queue order: nothing may overtake these
+                return 0.0
             if self._bucket is not None:
                 self._bucket.take()
             self._start(rows)
         return None
+
+    def _may_still_start(self, epoch: int) -> bool:
+        return (epoch == self._epoch and self.state == ENABLED and not self._stopping
+                and self.clock() >= self._paused_until and self.capacity > 0)
 
     async def _refill(self, now: float, want: int) -> None:
         exclude = self.in_flight | {r.id for r in self._ready}
@@ -250,8 +261,9 @@ class WebhookWorker:
 
     async def _attempt(self, rows: list[Delivery]) -> None:
         started = self.clock()
+        still_queued = True
         try:
-            await self._attempt_rows(rows, started)
+            still_queued = await self._attempt_rows(rows, started)
         except Exception as exc:  # a worker must outlive any one delivery
             log.error("delivery crashed", webhook=self.name, event_id=rows[0].event_id,
                       cause=f"{type(exc).__name__}: {exc}")
@@ -264,11 +276,16 @@ class WebhookWorker:
                     self._busy_devices[row.device_id] = left
                 else:
                     self._busy_devices.pop(row.device_id, None)
+            if still_queued:
+                # Rows fetched while these were in flight may be younger deliveries of
+                # the same devices: they must not overtake the retry.
+                self._clear_ready()
             self.wake()
 
     # -- one attempt and its consequences ------------------------------------------------
 
-    async def _attempt_rows(self, rows: list[Delivery], started: float) -> None:
+    async def _attempt_rows(self, rows: list[Delivery], started: float) -> bool:
+        """One attempt; True when the rows stay queued for a retry."""
         webhook = self.webhook
         expired = [r for r in rows if started - r.created > webhook.retry.max_age]
         if expired:
@@ -276,7 +293,7 @@ class WebhookWorker:
                              None, None, attempted=False)
             rows = [r for r in rows if r not in expired]
             if not rows:
-                return
+                return False
         batch_id = rows[0].batch_id if webhook.batch is not None else None
         try:
             events = [Event.from_envelope(json.loads(r.event)) for r in rows]
@@ -284,12 +301,13 @@ class WebhookWorker:
         except (RenderError, ValueError, KeyError) as exc:
             await self._dead(rows, f"cannot render the request: {exc}", None, None,
                              attempted=False)
-            return
+            return False
         outcome = await self.sender.send(request, batch_id or rows[0].event_id)
         if self.metrics is not None:
             self.metrics.deliveries.labels(self.name, outcome.kind).inc(len(rows))
             self.metrics.attempt_seconds.labels(self.name).observe(outcome.elapsed)
         await self._settle(rows, started, outcome)
+        return outcome.kind not in (DELIVERED, DEAD)
 
     async def _settle(self, rows: list[Delivery], started: float, outcome: Outcome) -> None:
         now = self.clock()
@@ -298,13 +316,16 @@ class WebhookWorker:
             self._step, self._probing = 0, False
             await self.store.write(self.store.op_delivered(self.name, ids, now))
             return
+        # Attempts already in flight when the current pause began fail together; they
+        # count as one step towards failure_limit, like the requests the endpoint sees.
+        counts = outcome.counts_as_failure and started >= self._pause_started
         if outcome.kind == DEAD:
             await self._dead(rows, outcome.cause, outcome.status, outcome.response,
-                             counts=outcome.counts_as_failure)
+                             counts=counts)
             return
+        delay = self._back_off(started, now, outcome)  # before any await: siblings see it
         failures = await self.store.write(self.store.op_retry(
-            self.name, ids, outcome.status, outcome.cause, outcome.counts_as_failure, now))
-        delay = self._back_off(started, now, outcome)
+            self.name, ids, outcome.status, outcome.cause, counts, now))
         log.warning("delivery failed", webhook=self.name, event_id=rows[0].event_id,
                     batch_id=rows[0].batch_id, attempt=rows[0].attempts + 1,
                     status=outcome.status, cause=outcome.cause, retry_in=round(delay, 3))

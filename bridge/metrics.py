@@ -7,6 +7,8 @@ scraped, so the hot path pays for none of them.
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 STATES = ("ENABLED", "DISABLED", "DISABLED_DUE_TO_ERRORS")
@@ -52,6 +54,15 @@ class Metrics:
             ["webhook", "state"], registry=r)
         self.mqtt_connected = Gauge(
             "webhook_bridge_mqtt_connected", "1 while connected to the broker", registry=r)
+
+    def forget(self, webhook: str) -> None:
+        """Drop a removed webhook's gauges (its counters stay: Prometheus expects that)."""
+        for gauge in (self.queue_depth, self.dead_letters):
+            with contextlib.suppress(KeyError):
+                gauge.remove(webhook)
+        for state in STATES:
+            with contextlib.suppress(KeyError):
+                self.webhook_state.remove(webhook, state)
 
     def set_state(self, webhook: str, state: str) -> None:
         for candidate in STATES:

@@ -131,8 +131,12 @@ class Registry:
             if device and device not in self.known:
                 self.known.add(device)
                 change.seen[device] = (event.source, event.topic)
-                out.append(_derived(event, CREATED, {"device_id": device,
-                                                     "source": event.source}))
+                created = _derived(event, CREATED, {"device_id": device,
+                                                    "source": event.source})
+                # Ids sort in the order events are made; device.created goes first, so
+                # it takes the (earlier) id of the event that revealed the device.
+                created.id, event.id = event.id, created.id
+                out.append(created)
             out.append(event)
             if not device:
                 continue

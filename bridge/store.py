@@ -390,6 +390,12 @@ class Store:
 
         return in_flight
 
+    def op_forget_webhook(self, webhook: str) -> Operation:
+        def forget(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM webhooks WHERE name = ?", (webhook,))
+
+        return forget
+
     def op_dead_all(self, webhook: str, reason: str) -> Operation:
         """Every queued delivery of ``webhook`` to the dead letters (webhook removed)."""
         def dead_all(conn: sqlite3.Connection) -> int:

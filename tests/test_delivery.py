@@ -366,3 +366,29 @@ async def test_dead_letter_commands(tmp_path: Path, mosquitto: Mosquitto,
         assert daemon.terminate() == 0
     finally:
         publisher.close()
+
+
+async def test_pause_holds_with_concurrency_and_retry_after(
+        tmp_path: Path, mosquitto: Mosquitto, endpoint: Endpoint, certs: Certificates) -> None:
+    endpoint.responder = lambda r: web.Response(status=503, headers={"Retry-After": "1"})
+    daemon = Daemon(tmp_path, base_config(tmp_path, mosquitto, [https_webhook(
+        "cloud", endpoint, certs, failure_limit=3, concurrency=4)])).start()
+    publisher = Publisher(mosquitto.port)
+    try:
+        await started(daemon)
+        await publisher.publish_all(telemetry("d1", range(10)))
+        await wait_for(lambda: status(daemon, "cloud")["state"] == "DISABLED_DUE_TO_ERRORS",
+                       20, "the webhook to be disabled")
+        sent = len(endpoint.requests)
+        first_answer = endpoint.requests[0].at
+        probes = [r.at for r in endpoint.requests if r.at > first_answer + 0.5]
+        # After the first burst: one probe per step, each at least Retry-After apart.
+        assert len(probes) == 2, [round(r.at - first_answer, 3) for r in endpoint.requests]
+        assert probes[1] - probes[0] >= 1.0
+        assert status(daemon, "cloud")["consecutive_failures"] == 3
+        await publisher.publish_all(telemetry("d1", range(10, 11)))
+        await wait_for(lambda: status(daemon, "cloud")["queued"] == 11, what="11 queued")
+        assert len(endpoint.requests) == sent  # nothing goes out once disabled
+        assert daemon.terminate() == 0
+    finally:
+        publisher.close()

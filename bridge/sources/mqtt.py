@@ -171,8 +171,10 @@ class MqttSource:
 
     async def publish(self, topic: str, payload: bytes, retain: bool = True) -> None:
         """Publish a notice now if connected, and (retained ones) again on every connect."""
-        if retain:
+        if retain and payload:
             self._retained[topic] = payload
+        elif retain:
+            self._retained.pop(topic, None)  # an empty retained message clears the topic
         client = self._client
         if client is not None and self.connected.is_set():
             try:
