@@ -33,7 +33,7 @@ from .rules import RuleSet
 from .signing import SecretKeeper
 from .sources.decode import SourceDecoder
 from .sources.mqtt import Message, MqttSource
-from .store import ENABLED, ROW_OVERHEAD, NewDelivery, Store, webhook_rows
+from .store import ENABLED, ROW_OVERHEAD, Delivery, NewDelivery, Store, webhook_rows
 from .systemd import Notifier, run_watchdog
 
 log = structlog.get_logger("bridge.daemon")
@@ -98,6 +98,7 @@ class Bridge:
         self._tasks: list[asyncio.Task[Any]] = []
         self._held: deque[tuple[list[NewDelivery], int, Any, asyncio.Future[Any]]] = deque()
         self.registry = Registry()
+        self.store.on_enqueued = self._enqueued
         self._drops = DropReporter(self.metrics)
         self._generation: str | None = None
         self._in_flight_written: dict[str, int] = {}
@@ -121,12 +122,11 @@ class Bridge:
         self.metrics.messages_received.inc()
         events, change = self.registry.observe(self.events_of(message))
         items = self._route(events)
-        also = _registry_op(change) if change else None
         size = sum(len(i.event) + ROW_OVERHEAD for i in items)
         if self._held or (items and self.config.store.overflow == "backpressure"
                           and not self.store.has_room(size) and self._queue_in_use()):
-            return self._hold(items, size, also)
-        return self._enqueue(items, size, also)
+            return self._hold(items, size, change)
+        return self._enqueue(items, size, change)
 
     def _route(self, events: list[Event]) -> list[NewDelivery]:
         """One delivery per event and matching webhook, carrying the event's JSON."""
@@ -144,31 +144,44 @@ class Bridge:
     def _queue_in_use(self) -> bool:
         return bool(self.store.bytes_queued or self.store.bytes_pending)
 
-    def _enqueue(self, items: list[NewDelivery], size: int, also: Any = None
+    def _enqueue(self, items: list[NewDelivery], size: int, change: DeviceChange
                  ) -> asyncio.Future[Any]:
         self.store.bytes_pending += size
-        future = self.store.submit(self.store.op_enqueue(items, also=also))
-        future.add_done_callback(lambda f: self._committed(f, items, size))
+        future = self.store.enqueue(items, _registry_op(change) if change else None)
+        future.add_done_callback(lambda f: self._committed(f, size, change))
         return future
 
-    def _committed(self, future: asyncio.Future[Any], items: list[NewDelivery],
-                   size: int) -> None:
+    def _committed(self, future: asyncio.Future[Any], size: int, change: DeviceChange
+                   ) -> None:
         self.store.bytes_pending -= size
         if future.cancelled() or future.exception() is not None:
+            if change:
+                self.registry.revert(change)  # the redelivery must see the device as new
             self.metrics.messages_rejected.inc()
             log.error("message not stored; the broker will send it again",
                       cause=str(future.exception()))
             return
         self.metrics.messages_accepted.inc()
         self.accepted += 1
-        if future.result():
-            self._drops.add(future.result())
-        for name in {i.webhook for i in items}:
-            worker = self.workers.get(name)
-            if worker is not None:
-                worker.wake()
 
-    def _hold(self, items: list[NewDelivery], size: int, also: Any) -> asyncio.Future[Any]:
+    def _enqueued(self, dropped: dict[str, int], handed: list[Delivery]) -> None:
+        """After each commit that queued deliveries: count drops, give idle workers
+        their new rows directly, and wake the rest."""
+        if dropped:
+            self._drops.add(dropped)
+        by_webhook: dict[str, list[Delivery]] = {}
+        for row in handed:
+            by_webhook.setdefault(row.webhook, []).append(row)
+        for name, worker in self.workers.items():
+            rows = by_webhook.pop(name, None)
+            if rows:
+                worker.offer(rows)
+            worker.wake()
+        for rows in by_webhook.values():  # a worker that went away meanwhile
+            self.store.leased.difference_update(r.id for r in rows)
+
+    def _hold(self, items: list[NewDelivery], size: int, change: DeviceChange
+              ) -> asyncio.Future[Any]:
         """Backpressure: keep the message unacknowledged until the queue has room, so the
         broker holds the rest (it stops sending once our receive window is full)."""
         if not self._held:
@@ -176,7 +189,7 @@ class Bridge:
                         "room (store.overflow: backpressure)",
                         queued_bytes=self.store.bytes_queued, max_size=self.store.max_size)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._held.append((items, size, also, future))
+        self._held.append((items, size, change, future))
         return future
 
     async def _release_held(self) -> None:
@@ -186,8 +199,8 @@ class Bridge:
             released = 0
             while self._held and (self.store.has_room(self._held[0][1])
                                   or not self._queue_in_use()):
-                items, size, also, held = self._held.popleft()
-                _chain(self._enqueue(items, size, also), held)
+                items, size, change, held = self._held.popleft()
+                _chain(self._enqueue(items, size, change), held)
                 released += 1
             if released and not self._held:
                 log.info("queue has room again: acknowledging MQTT messages")
@@ -272,6 +285,7 @@ class Bridge:
             try:
                 await self._follow_store()
                 await self._record_in_flight()
+                self._reconcile_leases()
                 if self._config_files() != self._files_seen:
                     await self.reload_logged("a configuration file changed")
             except Exception as exc:  # keep watching whatever happens
@@ -292,7 +306,7 @@ class Bridge:
                 log.info("webhook state changed by command", webhook=name, state=state)
                 worker.set_state(state)
                 await self._publish_state(name, state, "changed by command")
-            worker.wake()  # dead letters replayed by a command are due now
+            worker.resync()  # dead letters replayed by a command are due now
 
     async def _expire_registrations(self) -> None:
         """LwM2M registrations whose lifetime passed with no update: deregistered."""
@@ -304,8 +318,22 @@ class Bridge:
             if events:
                 items = self._route(events)
                 size = sum(len(i.event) + ROW_OVERHEAD for i in items)
-                await self._enqueue(items, size, _registry_op(change))
+                await self._enqueue(items, size, change)
                 log.info("lwm2m registrations expired", devices=[e.device_id for e in events])
+
+    def _reconcile_leases(self) -> None:
+        """A safety net: a lease no worker holds would hide its delivery from every
+        query. Release such leases and make the workers look at the queue again."""
+        held: set[int] = set()
+        for worker in self.workers.values():
+            held |= worker.held_ids()
+        orphans = self.store.leased - held
+        if orphans:
+            log.warning("released deliveries no worker held", count=len(orphans),
+                        ids=sorted(orphans)[:10])
+            self.store.leased.difference_update(orphans)
+            for worker in self.workers.values():
+                worker.resync()
 
     async def _record_in_flight(self) -> None:
         counts = {name: len(w.in_flight) for name, w in self.workers.items()}

@@ -77,6 +77,9 @@ class WebhookWorker:
         self._busy_devices: dict[str | None, int] = {}
         self._ready: deque[Delivery] = deque()
         self._epoch = 0  # bumped whenever the ready queue is thrown away
+        self._caught_up = False  # the queue holds nothing due beyond ready and in flight
+        self._refilling = False
+        self._offered: list[Delivery] = []  # handed over while a refill was reading
         self._changed = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
@@ -103,6 +106,7 @@ class WebhookWorker:
     async def stop(self, grace: float) -> None:
         """Take no new work; let attempts in flight finish (their outcome is committed)."""
         self._stopping = True
+        self._clear_ready()
         self.wake()
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=grace)
@@ -162,25 +166,60 @@ class WebhookWorker:
     async def _refill(self, now: float, want: int) -> None:
         exclude = self.in_flight | {r.id for r in self._ready}
         epoch = self._epoch
-        rows = await self.store.write(self.store.op_lease(
-            Store.q_due(self.name, now, want, exclude)))
+        self._accept_handoff(False)
+        self._refilling = True
+        handoff = None if self._probing or self.state != ENABLED else (self.name, want)
+        try:
+            rows = await self.store.write(self.store.op_lease(
+                Store.q_due(self.name, None, want, exclude), handoff_if_short=handoff))
+        finally:
+            self._refilling = False
+        offered, self._offered = self._offered, []
         if epoch != self._epoch:
             # A failure cleared the queue while we read: these rows were chosen around a
             # delivery that is now waiting to be retried, so they must not jump ahead.
-            self.store.leased.difference_update(r.id for r in rows)
+            self.store.leased.difference_update(r.id for r in rows + offered)
+            self._accept_handoff(False)
             return
+        # Rows handed over during the read were committed after it: they come last.
         self._ready.extend(rows)
+        self._ready.extend(offered)
+        self._caught_up = self.name in self.store.handoff
+
+    def _accept_handoff(self, on: bool) -> None:
+        self._caught_up = on
+        if not on:
+            self.store.handoff.discard(self.name)
+
+    def offer(self, rows: list[Delivery]) -> None:
+        """Deliveries just committed for this webhook (leased for it by the store)."""
+        limit = max(self.webhook.concurrency * 32, 256)
+        if self._refilling:
+            self._offered.extend(rows)
+        elif self._caught_up and len(self._ready) < limit and self.state == ENABLED:
+            self._ready.extend(rows)
+        else:
+            # Not taking them: release them and look in the queue next time.
+            self._accept_handoff(False)
+            self.store.leased.difference_update(r.id for r in rows)
+        self.wake()
+
+    def held_ids(self) -> set[int]:
+        """Every delivery this worker holds a lease for."""
+        return (self.in_flight | {r.id for r in self._ready}
+                | {r.id for r in self._offered})
+
+    def resync(self) -> None:
+        """Another process changed the queue (dead letters replayed): query it again."""
+        self._accept_handoff(False)
+        self.wake()
 
     def _clear_ready(self) -> None:
         self._epoch += 1
+        self._accept_handoff(False)
         self.store.leased.difference_update(
             r.id for r in self._ready if r.id not in self.in_flight)
         self._ready.clear()
-
-    def _eligible(self, row: Delivery) -> bool:
-        if row.id in self.in_flight:
-            return False
-        return not (self.webhook.ordered and self._busy_devices.get(row.device_id))
 
     def _take(self, limit: int) -> list[Delivery]:
         """Up to ``limit`` eligible rows from the ready queue, oldest first. With
@@ -206,6 +245,8 @@ class WebhookWorker:
     async def _next_row(self, now: float) -> tuple[Delivery | None, float | None]:
         want = 1 if self._probing else max(self.webhook.concurrency * 8, 32)
         for refill in (False, True):
+            if self._caught_up and not self._ready:
+                return None, None  # nothing else is due: wait for offer() or a change
             if refill or not self._ready:
                 await self._refill(now, want)
             taken = self._take(1)
@@ -225,7 +266,7 @@ class WebhookWorker:
         first = self._ready[0]
         if first.batch_id is not None:  # an earlier attempt's batch: the same members
             rows = await self.store.write(self.store.op_lease(
-                Store.q_batch(self.name, first.batch_id)))
+                Store.q_batch(self.name, first.batch_id), skip_leased=False))
             members = {r.id for r in rows}
             self._ready = deque(r for r in self._ready if r.id not in members)
             return [r for r in rows if r.id not in self.in_flight], None
@@ -261,31 +302,41 @@ class WebhookWorker:
 
     async def _attempt(self, rows: list[Delivery]) -> None:
         started = self.clock()
-        still_queued = True
+        result: bool | asyncio.Future[Any] = True
         try:
-            still_queued = await self._attempt_rows(rows, started)
+            result = await self._attempt_rows(rows, started)
         except Exception as exc:  # a worker must outlive any one delivery
             log.error("delivery crashed", webhook=self.name, event_id=rows[0].event_id,
                       cause=f"{type(exc).__name__}: {exc}")
         finally:
-            for row in rows:
-                self.in_flight.discard(row.id)
-                self.store.leased.discard(row.id)
-                left = self._busy_devices.get(row.device_id, 1) - 1
-                if left:
-                    self._busy_devices[row.device_id] = left
-                else:
-                    self._busy_devices.pop(row.device_id, None)
-            if still_queued:
-                # Rows fetched while these were in flight may be younger deliveries of
-                # the same devices: they must not overtake the retry.
-                self._clear_ready()
-            self.wake()
+            if isinstance(result, asyncio.Future):
+                # Delivered: the request slot is free now; the rows stay out of every
+                # query until their deletion is committed.
+                result.add_done_callback(lambda _: self._release(rows, False))
+            else:
+                self._release(rows, result)
+
+    def _release(self, rows: list[Delivery], still_queued: bool) -> None:
+        for row in rows:
+            self.in_flight.discard(row.id)
+            self.store.leased.discard(row.id)
+            left = self._busy_devices.get(row.device_id, 1) - 1
+            if left:
+                self._busy_devices[row.device_id] = left
+            else:
+                self._busy_devices.pop(row.device_id, None)
+        if still_queued:
+            # Rows fetched while these were in flight may be younger deliveries of the
+            # same devices: they must not overtake the retry.
+            self._clear_ready()
+        self.wake()
 
     # -- one attempt and its consequences ------------------------------------------------
 
-    async def _attempt_rows(self, rows: list[Delivery], started: float) -> bool:
-        """One attempt; True when the rows stay queued for a retry."""
+    async def _attempt_rows(self, rows: list[Delivery], started: float
+                            ) -> bool | asyncio.Future[Any]:
+        """One attempt: True when the rows stay queued for a retry, False when they are
+        gone, or the pending commit of their successful delivery."""
         webhook = self.webhook
         expired = [r for r in rows if started - r.created > webhook.retry.max_age]
         if expired:
@@ -306,16 +357,15 @@ class WebhookWorker:
         if self.metrics is not None:
             self.metrics.deliveries.labels(self.name, outcome.kind).inc(len(rows))
             self.metrics.attempt_seconds.labels(self.name).observe(outcome.elapsed)
+        if outcome.kind == DELIVERED:
+            self._step, self._probing = 0, False
+            return self.store.delivered(self.name, [r.id for r in rows], self.clock())
         await self._settle(rows, started, outcome)
-        return outcome.kind not in (DELIVERED, DEAD)
+        return outcome.kind != DEAD
 
     async def _settle(self, rows: list[Delivery], started: float, outcome: Outcome) -> None:
         now = self.clock()
         ids = [r.id for r in rows]
-        if outcome.kind == DELIVERED:
-            self._step, self._probing = 0, False
-            await self.store.write(self.store.op_delivered(self.name, ids, now))
-            return
         # Attempts already in flight when the current pause began fail together; they
         # count as one step towards failure_limit, like the requests the endpoint sees.
         counts = outcome.counts_as_failure and started >= self._pause_started

@@ -20,7 +20,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import structlog
@@ -33,7 +33,9 @@ ROW_OVERHEAD = 96  # bytes a delivery row costs beyond its event JSON (ids, time
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS deliveries (
-    id INTEGER PRIMARY KEY,
+    -- AUTOINCREMENT: an id is never reused, so a worker's in-memory sets (in flight,
+    -- leased) can never confuse a new delivery with one that just finished.
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     webhook TEXT NOT NULL,
     event_id TEXT NOT NULL,
     device_id TEXT,
@@ -108,12 +110,28 @@ class Delivery:
     batch_id: str | None
 
 
+class DueRows(list):  # type: ignore[type-arg]
+    """Rows of a due-query; ``exhausted`` when the query reached the end of the queue."""
+
+    exhausted = False
+
+
 @dataclass(slots=True)
 class NewDelivery:
     webhook: str
     event_id: str
     device_id: str | None
     event: bytes
+
+
+@dataclass(slots=True)
+class _EnqueueBatch:
+    items: list[NewDelivery] = field(default_factory=list)
+    also: list[Any] = field(default_factory=list)
+    now: float = field(default_factory=time.time)
+    future: asyncio.Future[Any] | None = None
+    dropped: dict[str, int] = field(default_factory=dict)
+    handed: list[Delivery] = field(default_factory=list)
 
 
 _DELIVERY_COLUMNS = "id, webhook, event_id, device_id, event, created, due, attempts, batch_id"
@@ -156,6 +174,13 @@ class Store:
         self._write_thread = ThreadPoolExecutor(1, thread_name_prefix="store-writer")
         self._read_thread = ThreadPoolExecutor(1, thread_name_prefix="store-reader")
         self._pending: list[tuple[Operation, asyncio.Future[Any]]] = []
+        self._enqueue_batch: _EnqueueBatch | None = None
+        self._delivered_batch: dict[str, tuple[list[int], int, float]] | None = None
+        self._delivered_future: asyncio.Future[Any] | None = None
+        # Webhooks whose worker takes new deliveries straight from the enqueue (it has
+        # caught up with the queue), and what each commit handed them.
+        self.handoff: set[str] = set()
+        self.on_enqueued: Callable[[dict[str, int], list[Delivery]], None] | None = None
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._closed = False
@@ -199,6 +224,34 @@ class Store:
     async def write(self, operation: Callable[[sqlite3.Connection], T]) -> T:
         return await self.submit(operation)
 
+    # The two operations of the hot path coalesce: every enqueue (and every delivered
+    # mark) made while the previous commit was in progress becomes ONE operation of the
+    # next group, with one shared future.
+
+    def enqueue(self, items: list[NewDelivery], also: Operation | None = None
+                ) -> asyncio.Future[Any]:
+        """Queue ``items`` (plus the registry change ``also``) in the next commit."""
+        batch = self._enqueue_batch
+        if batch is None:
+            batch = self._enqueue_batch = _EnqueueBatch()
+            future = self.submit(self.op_enqueue_batch(batch))
+            batch.future = future
+        batch.items.extend(items)
+        if also is not None:
+            batch.also.append(also)
+        return batch.future
+
+    def delivered(self, webhook: str, ids: list[int], now: float) -> asyncio.Future[Any]:
+        """Mark deliveries done (one attempt) in the next commit."""
+        batch = self._delivered_batch
+        if batch is None:
+            batch = self._delivered_batch = {}
+            self._delivered_future = self.submit(self.op_delivered_batch(batch))
+        ids_, attempts, _ = batch.get(webhook, ([], 0, 0.0))
+        ids_.extend(ids)
+        batch[webhook] = (ids_, attempts + 1, now)
+        return self._delivered_future
+
     async def read(self, query: Callable[[sqlite3.Connection], T]) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._read_thread, query, self._reader)
@@ -210,12 +263,19 @@ class Store:
             await self._wake.wait()
             self._wake.clear()
             batch, self._pending = self._pending, []
+            self._enqueue_batch, self._delivered_batch = None, None
             if not batch:
                 if self._closed:
                     return
                 continue
             self._freed = False
+            enqueued = self._enqueue_batch_of(batch)
             outcomes = await loop.run_in_executor(self._write_thread, self._apply, batch)
+            if enqueued is not None and self.on_enqueued is not None:
+                try:
+                    self.on_enqueued(enqueued.dropped, enqueued.handed)
+                except Exception as exc:  # a listener must not stop the commits
+                    log.error("enqueue listener failed", cause=f"{type(exc).__name__}: {exc}")
             if self._freed:
                 self.space_freed.set()
             for (_, future), (ok, value) in zip(batch, outcomes):
@@ -225,6 +285,16 @@ class Store:
                     future.set_result(value)
                 else:
                     future.set_exception(value)
+            if self._closed:
+                self._wake.set()  # drain what came in meanwhile, then return when empty
+
+    def _enqueue_batch_of(self, batch: list[tuple[Operation, asyncio.Future[Any]]]
+                          ) -> _EnqueueBatch | None:
+        for op, _ in batch:
+            owner = getattr(op, "batch", None)
+            if isinstance(owner, _EnqueueBatch):
+                return owner
+        return None
 
     def _apply(self, batch: list[tuple[Operation, asyncio.Future[Any]]]
                ) -> list[tuple[bool, Any]]:
@@ -300,6 +370,43 @@ class Store:
 
         return enqueue
 
+    def op_enqueue_batch(self, batch: _EnqueueBatch) -> Operation:
+        """The coalesced enqueue: registry changes, quota, one INSERT for everything, and
+        leases for rows whose worker takes them directly (reported via ``on_enqueued``)."""
+        def enqueue(conn: sqlite3.Connection) -> None:
+            batch.handed = []  # this may run twice (a failed group is retried op by op)
+            for also in batch.also:
+                also(conn)
+            batch.dropped = self.op_enqueue(batch.items, now=batch.now)(conn)
+            if not batch.items:
+                return
+            last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+            first = last - len(batch.items) + 1
+            now = batch.now
+            for offset, item in enumerate(batch.items):
+                if item.webhook in self.handoff:
+                    row_id = first + offset
+                    self.leased.add(row_id)
+                    batch.handed.append(Delivery(row_id, item.webhook, item.event_id,
+                                                 item.device_id, item.event, now, now, 0,
+                                                 None))
+
+        enqueue.batch = batch  # type: ignore[attr-defined]
+        return enqueue
+
+    def op_delivered_batch(self, batch: dict[str, tuple[list[int], int, float]]
+                           ) -> Operation:
+        def delivered(conn: sqlite3.Connection) -> None:
+            for webhook, (ids, attempts, now) in batch.items():
+                self._delete(conn, ids)
+                _ensure_webhook(conn, webhook)
+                conn.execute(
+                    "UPDATE webhooks SET delivered = delivered + ?, attempts = attempts + ?,"
+                    " consecutive_failures = 0, last_triggered = ?, last_error = NULL"
+                    " WHERE name = ?", (len(ids), attempts, now, webhook))
+
+        return delivered
+
     def _drop_oldest(self, conn: sqlite3.Connection, excess: int) -> dict[str, int]:
         victims: list[int] = []
         dropped: dict[str, int] = {}
@@ -363,12 +470,23 @@ class Store:
 
         return dead
 
-    def op_lease(self, query: Callable[[sqlite3.Connection], list[Delivery]]) -> Operation:
+    def op_lease(self, query: Callable[[sqlite3.Connection], list[Delivery]],
+                 skip_leased: bool = True, handoff_if_short: tuple[str, int] | None = None
+                 ) -> Operation:
         """Run a due-query in the writer thread and lease what it returns, so the quota
-        cannot drop a row between the query and the lease."""
+        cannot drop a row between the query and the lease. Rows already leased (handed
+        to the worker by an enqueue) are left out unless ``skip_leased`` is false. With
+        ``handoff_if_short`` (webhook, wanted) a short answer means the worker has caught
+        up: from this very commit on, new rows are handed to it (set here, in the writer
+        thread, so no row can fall between the query and the handoff)."""
         def lease(conn: sqlite3.Connection) -> list[Delivery]:
-            rows = query(conn)
+            found = query(conn)
+            rows = [r for r in found if not (skip_leased and r.id in self.leased)]
             self.leased.update(r.id for r in rows)
+            # Caught up only when the query saw the end of the queue (rows it skipped as
+            # already leased do not count as the end).
+            if handoff_if_short is not None and getattr(found, "exhausted", False):
+                self.handoff.add(handoff_if_short[0])
             return rows
 
         return lease
@@ -443,14 +561,20 @@ class Store:
     # -- queries (run in the reader thread) ---------------------------------------------
 
     @staticmethod
-    def q_due(webhook: str, now: float, limit: int, exclude: Collection[int]
+    def q_due(webhook: str, now: float | None, limit: int, exclude: Collection[int]
               ) -> Callable[[sqlite3.Connection], list[Delivery]]:
-        """The oldest due deliveries not in ``exclude``, in queue order."""
+        """The oldest due deliveries not in ``exclude``, in queue order. ``now`` None is
+        the moment the query runs (a row committed just before it is due)."""
         def due(conn: sqlite3.Connection) -> list[Delivery]:
+            at = time.time() if now is None else now
+            window = limit + len(exclude)
             rows = conn.execute(
                 f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE webhook = ? AND due <= ?"
-                " ORDER BY due, id LIMIT ?", (webhook, now, limit + len(exclude))).fetchall()
-            return [Delivery(*r) for r in rows if r[0] not in exclude][:limit]
+                " ORDER BY due, id LIMIT ?", (webhook, at, window)).fetchall()
+            result = DueRows(Delivery(*r) for r in rows if r[0] not in exclude)
+            result.exhausted = len(rows) < window and len(result) <= limit
+            del result[limit:]
+            return result
 
         return due
 

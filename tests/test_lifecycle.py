@@ -21,7 +21,10 @@ from typing import Any
 import paho.mqtt.client as paho
 
 from bridge.config import SourceConfig
+from bridge.events import Event
+from bridge.registry import Registry, apply_change
 from bridge.sources.decode import SourceDecoder
+from bridge.store import connect
 
 from .support import (
     Certificates,
@@ -103,6 +106,12 @@ def hook(name: str, endpoint: Endpoint, certs: Certificates, **extra: Any) -> di
     return https_webhook(name, endpoint, certs, path=f"/{name}", **extra)
 
 
+def reap(daemon: Daemon) -> None:
+    """A daemon a failed test left running is killed (never outlives its test)."""
+    if daemon.proc is not None and daemon.proc.poll() is None:
+        daemon.kill()
+
+
 async def cli(daemon: Daemon, *args: str) -> Any:
     """A command in a thread, so the endpoint in this event loop keeps answering."""
     return await asyncio.to_thread(daemon.cli, *args)
@@ -166,6 +175,37 @@ async def test_first_registration_once_across_restarts(
         assert daemon.terminate() == 0
     finally:
         publisher.close()
+        reap(daemon)
+
+
+# -- the registry's reload (what the daemon does after a `devices delete`) ---------------
+
+def test_registry_reload_forgets_deleted_devices_but_not_uncommitted_ones(
+        tmp_path: Path) -> None:
+    conn = connect(str(tmp_path / "queue.db"))
+    registry = Registry()
+    registry.load(conn)
+
+    def seen(device: str) -> tuple[list[str], Any]:
+        events, change = registry.observe([Event(type="telemetry", source="s",
+                                                 topic=f"t/{device}", device_id=device)])
+        return [e.type for e in events], change
+
+    assert seen("a")[0] == ["device.created", "telemetry"]
+    committed = seen("b")[1]
+    apply_change(conn, committed, time.time())
+    # "a" is observed but its transaction has not run yet: a reload must keep it.
+    registry.load(conn)
+    assert seen("a")[0] == ["telemetry"]
+    # "b" was committed, then deleted by a command: the reload forgets it.
+    conn.execute("DELETE FROM devices WHERE id = 'b'")
+    registry.load(conn)
+    assert seen("b")[0] == ["device.created", "telemetry"]
+    # A transaction that failed is reverted: the redelivered message is new again.
+    types_, failed = seen("c")
+    registry.revert(failed)
+    assert seen("c")[0] == types_ == ["device.created", "telemetry"]
+    conn.close()
 
 
 # -- b. lifetimes: expiry, updates keep a registration, explicit deregister ---------------
@@ -226,6 +266,7 @@ async def test_lifetime_expiry_updates_and_explicit_deregister(
         assert daemon.terminate() == 0
     finally:
         publisher.close()
+        reap(daemon)
 
 
 async def test_a_lifetime_that_passes_while_the_bridge_is_down_expires_at_start(
@@ -254,6 +295,7 @@ async def test_a_lifetime_that_passes_while_the_bridge_is_down_expires_at_start(
         assert daemon.terminate() == 0
     finally:
         publisher.close()
+        reap(daemon)
 
 
 # -- c. firmware update ---------------------------------------------------------------------
@@ -303,6 +345,7 @@ async def test_firmware_update_outcomes(
         assert daemon.terminate() == 0
     finally:
         publisher.close()
+        reap(daemon)
 
 
 # -- d. telemetry: one event per notify, typed values, the lwm2m path ---------------------
@@ -357,6 +400,7 @@ async def test_notify_of_several_resources_is_one_typed_telemetry_event(
         assert daemon.terminate() == 0
     finally:
         publisher.close()
+        reap(daemon)
 
 
 # -- e. malformed gateway messages ----------------------------------------------------------
@@ -402,6 +446,7 @@ async def test_malformed_lwm2m_becomes_invalid_and_the_daemon_keeps_running(
         assert daemon.terminate() == 0
     finally:
         publisher.close()
+        reap(daemon)
 
 
 # -- f. SenML JSON and CBOR -------------------------------------------------------------------
@@ -446,6 +491,7 @@ async def test_senml_json_and_cbor_arrive_resolved(
         assert daemon.terminate() == 0
     finally:
         publisher.close()
+        reap(daemon)
 
 
 # -- g. the devices command -----------------------------------------------------------------
@@ -510,6 +556,7 @@ async def test_devices_list_show_delete(
         assert daemon.terminate() == 0
     finally:
         publisher.close()
+        reap(daemon)
 
 
 # -- h. Zerynth data and event webhooks ---------------------------------------------------
@@ -583,6 +630,7 @@ async def test_zerynth_data_and_event_webhooks(
         assert daemon.terminate() == 0
     finally:
         publisher.close()
+        reap(daemon)
 
 
 # -- i. connection events from status topics and Last Wills ---------------------------------
@@ -660,3 +708,5 @@ async def test_status_topics_and_last_will_become_connection_events(
         assert daemon.terminate() == 0
     finally:
         publisher.close()
+        device.loop_stop()
+        reap(daemon)
