@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import signal
 import time
+import tracemalloc
 from collections import deque
 from dataclasses import replace
 from typing import Any
@@ -25,7 +25,7 @@ from . import logs
 from .config import Config, ConfigError, WebhookConfig, load_config
 from .delivery import USER_AGENT, Outcome, Sender
 from .dispatch import WebhookWorker, status_notice
-from .events import Event
+from .events import Event, dumps
 from .metrics import Metrics
 from .registry import DeviceChange, Registry, apply_change
 from .render import Renderer
@@ -136,8 +136,7 @@ class Bridge:
             names = self.rules.match(event)
             if not names:
                 continue
-            body = json.dumps(event.envelope(), separators=(",", ":"),
-                              ensure_ascii=False).encode("utf-8")
+            body = dumps(event.envelope())
             items.extend(NewDelivery(n, event.id, event.device_id, body) for n in names)
         return items
 
@@ -499,6 +498,11 @@ def _chain(source: asyncio.Future[Any], target: asyncio.Future[Any]) -> None:
     source.add_done_callback(copy)
 
 
+def _log_allocations() -> None:
+    top = tracemalloc.take_snapshot().statistics("lineno")[:15]
+    log.warning("memory", top=[str(stat) for stat in top])
+
+
 class StartError(Exception):
     """The bridge cannot start (reported as one line, exit 1)."""
 
@@ -514,6 +518,8 @@ async def run(config: Config) -> int:
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(
         bridge.reload_logged("SIGHUP")))
+    if tracemalloc.is_tracing():  # PYTHONTRACEMALLOC=N: SIGUSR2 logs the top allocations
+        loop.add_signal_handler(signal.SIGUSR2, _log_allocations)
     started = time.monotonic()
     await bridge.start()
     notifier.ready(bridge.status_text())

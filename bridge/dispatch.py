@@ -89,6 +89,7 @@ class WebhookWorker:
         self._probing = False
         self._bucket = TokenBucket(webhook.rate_limit, clock) if webhook.rate_limit else None
         self.task: asyncio.Task[None] | None = None
+        self._stored_body = renderer.passes_stored_event
 
     # -- control --------------------------------------------------------------------------
 
@@ -347,8 +348,11 @@ class WebhookWorker:
                 return False
         batch_id = rows[0].batch_id if webhook.batch is not None else None
         try:
-            events = [Event.from_envelope(json.loads(r.event)) for r in rows]
-            request = self.renderer.render(events, batch_id)
+            if batch_id is None and self._stored_body:
+                request = self.renderer.render_stored(rows[0].event, rows[0].device_id)
+            else:
+                events = [Event.from_envelope(json.loads(r.event)) for r in rows]
+                request = self.renderer.render(events, batch_id)
         except (RenderError, ValueError, KeyError) as exc:
             await self._dead(rows, f"cannot render the request: {exc}", None, None,
                              attempted=False)

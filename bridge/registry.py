@@ -11,14 +11,13 @@ the message that changed them, so a crash can neither lose nor invent one of the
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .events import Event
+from .events import Event, dumps
 from .sources.lwm2m import RegistrationTracker
 
 CREATED = "device.created"
@@ -226,5 +225,4 @@ def deleted_event(device: dict[str, Any]) -> Event:
 
 
 def encode(event: Event) -> bytes:
-    return json.dumps(event.envelope(), separators=(",", ":"),
-                      ensure_ascii=False).encode("utf-8")
+    return dumps(event.envelope())

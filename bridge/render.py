@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import WebhookConfig
-from .events import Event, iso_now
+from .events import Event, dumps, iso_now
 from .templates import Template, TemplateError, compile_template, lookup, to_text
 
 CONTENT_TYPES = {
@@ -45,10 +45,6 @@ def encode_url_value(text: str) -> str:
     if encoded and set(encoded) == {"."}:
         encoded = encoded.replace(".", "%2E")
     return encoded
-
-
-def dumps(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
 class _BodyTemplate:
@@ -156,6 +152,28 @@ class Renderer:
                 {str(k): to_text(v) for k, v in value.items() if v is not None}
             ).encode("ascii")
         return to_text(value).encode("utf-8")
+
+    @property
+    def passes_stored_event(self) -> bool:
+        """The body is the stored event JSON as it is, and the URL and headers need at
+        most ``{device_id}``: a delivery can then be sent without parsing its event."""
+        webhook = self.webhook
+        placeholders = set(self._path.placeholders)
+        placeholders.update(self._query.placeholders if self._query else ())
+        for template in self._headers.values():
+            placeholders.update(template.placeholders)
+        return (webhook.envelope == "event" and self._body is None
+                and not webhook.payload_only and webhook.content_type == "json"
+                and placeholders <= {"device_id"})
+
+    def render_stored(self, event_json: bytes, device_id: str | None) -> Request:
+        """The request for one stored event when :attr:`passes_stored_event` holds."""
+        context = {"device_id": device_id}
+        try:
+            return Request(self.webhook.method, self.url(context), self.headers(context),
+                           event_json)
+        except TemplateError as exc:
+            raise RenderError(str(exc)) from None
 
     def render(self, events: list[Event], batch_id: str | None = None) -> Request:
         """The request for one event, or for a batch (``batch_id`` set)."""

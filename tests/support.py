@@ -331,3 +331,18 @@ def queued(tmp: Path) -> int:
         return conn.execute("SELECT COUNT(*) FROM deliveries").fetchone()[0]
 
 
+
+
+def paced_publish(publisher: Publisher, numbers: range, rate: float,
+                  topic: str = "devices/d1/telemetry") -> None:
+    """Publish ``{"seq": n}`` at ``rate`` a second (from a thread), then wait for the
+    broker's acknowledgements."""
+    start = time.monotonic()
+    infos = []
+    for n, seq in enumerate(numbers):
+        infos.append(publisher.publish(topic, {"seq": seq}))
+        ahead = start + n / rate - time.monotonic()
+        if ahead > 0:
+            time.sleep(ahead)
+    for info in infos:
+        info.wait_for_publish(30)

@@ -11,7 +11,6 @@ import sqlite3
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 from aiohttp import web
 
@@ -24,23 +23,11 @@ from .support import (
     Received,
     base_config,
     https_webhook,
+    paced_publish,
     seqs,
     started,
     wait_for,
 )
-
-
-def paced(publisher: Publisher, numbers: range, rate: float) -> list[Any]:
-    start = time.monotonic()
-    infos = []
-    for n, seq in enumerate(numbers):
-        infos.append(publisher.publish("devices/d1/telemetry", {"seq": seq}))
-        ahead = start + n / rate - time.monotonic()
-        if ahead > 0:
-            time.sleep(ahead)
-    for info in infos:
-        info.wait_for_publish(30)
-    return infos
 
 
 async def test_reload_under_a_steady_stream(tmp_path: Path, mosquitto: Mosquitto,
@@ -56,7 +43,8 @@ async def test_reload_under_a_steady_stream(tmp_path: Path, mosquitto: Mosquitto
     publisher = Publisher(mosquitto.port)
     try:
         await started(daemon)
-        stream = asyncio.create_task(asyncio.to_thread(paced, publisher, range(2000), 500.0))
+        stream = asyncio.create_task(
+            asyncio.to_thread(paced_publish, publisher, range(2000), 500.0))
         await wait_for(lambda: len(keep.requests) >= 500, 20, "the stream to flow")
         changed = copy.deepcopy(config)
         changed["webhooks"] = [https_webhook("keep", keep, certs),

@@ -24,6 +24,7 @@ from .support import (
     Received,
     base_config,
     https_webhook,
+    paced_publish,
     queued,
     seqs,
     started,
@@ -158,18 +159,6 @@ async def test_sigkill_while_messages_flow_loses_nothing(
         assert daemon.terminate() == 0
     finally:
         publisher.close()
-
-
-def paced_publish(publisher: Publisher, numbers: range, rate: float) -> None:
-    start = time.monotonic()
-    infos = []
-    for n, seq in enumerate(numbers):
-        infos.append(publisher.publish("devices/d1/telemetry", {"seq": seq}))
-        ahead = start + n / rate - time.monotonic()
-        if ahead > 0:
-            time.sleep(ahead)
-    for info in infos:
-        info.wait_for_publish(30)
 
 
 async def test_messages_published_while_down_arrive_after_start(

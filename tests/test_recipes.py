@@ -32,7 +32,10 @@ from .support import (
     Mosquitto,
     Publisher,
     Received,
+    base_config,
+    https_webhook,
     run_cli,
+    started,
     wait_for,
 )
 
@@ -41,31 +44,12 @@ EVENT_ID = re.compile(r"^evt_[0-9A-HJKMNP-TV-Z]{26}$")
 
 # -- helpers ------------------------------------------------------------------------------
 
-def config_for(tmp: Path, broker: Mosquitto, webhooks: list[dict[str, Any]],
-               sources: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    return {
-        "mqtt": {"host": "127.0.0.1", "port": broker.port, "client_id": f"wb-{tmp.name}",
-                 "keepalive": 5},
-        "store": {"path": str(tmp / "state" / "queue.db")},
-        "admin": {"listen": None},
-        "log": {"format": "json", "level": "info"},
-        "sources": sources or [{"name": "telemetry", "topic": "devices/{device_id}/telemetry",
-                                "qos": 1, "format": "json"}],
-        "webhooks": webhooks,
-    }
+config_for = base_config
 
 
 def hook(name: str, endpoint: Endpoint, certs: Certificates, path: str = "/hook",
          **extra: Any) -> dict[str, Any]:
-    return {"name": name, "url": endpoint.url + path, "tls": {"ca_file": str(certs.ca_file)},
-            "retry": {"initial": "100ms", "max": "1s"}, **extra}
-
-
-async def started(daemon: Daemon) -> Daemon:
-    await wait_for(lambda: '"mqtt connected"' in daemon.output()
-                   or daemon.proc.poll() is not None, 20, "the daemon to connect")
-    assert daemon.proc.poll() is None, daemon.output()
-    return daemon
+    return https_webhook(name, endpoint, certs, path, **extra)
 
 
 async def cli(daemon: Daemon, *args: str) -> Any:

@@ -41,6 +41,52 @@ class Message:
 Handler = Callable[[Message], "asyncio.Future[Any]"]
 
 
+class _ReadFlow:
+    """Stop reading the broker's socket while too many messages wait to be handled.
+
+    The broker should never send more than our Receive Maximum unacknowledged, but a
+    broker that ignores it (seen with Mosquitto 2.0 under a 200,000-message backlog)
+    would otherwise fill memory with decoded messages. TCP flow control then makes the
+    broker hold them, where they belong."""
+
+    HIGH = RECEIVE_MAXIMUM
+    LOW = RECEIVE_MAXIMUM // 4
+
+    def __init__(self, client: aiomqtt.Client, unacked: Callable[[], int]) -> None:
+        self.client = client
+        self.paho = client._client
+        self.unacked = unacked
+        self.loop = asyncio.get_running_loop()
+        self.paused = False
+
+    def check(self) -> None:
+        """Called for every message taken and every ack: decoded-but-waiting plus
+        taken-but-unacknowledged messages are what the broker made us hold."""
+        waiting = self.client._queue.qsize() + self.unacked()
+        sock = self.paho.socket()
+        if sock is None:
+            return
+        if not self.paused and waiting > self.HIGH:
+            self.loop.remove_reader(sock)
+            self.paused = True
+        elif self.paused and waiting < self.LOW:
+            self.loop.add_reader(sock, self._read)
+            self.paused = False
+
+    def _read(self) -> None:
+        # What aiomqtt's own reader does: a failed read means the connection is gone.
+        try:
+            while True:
+                self.paho.loop_read()
+                sock = self.paho.socket()
+                if not (hasattr(sock, "pending") and sock.pending() > 0):
+                    break
+        except Exception as exc:
+            disconnected = self.client._disconnected
+            if not disconnected.done():
+                disconnected.set_exception(exc)
+
+
 class MqttSource:
     """Subscribes to ``filters`` and feeds every message to ``handler``."""
 
@@ -131,6 +177,7 @@ class MqttSource:
         failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
         def acknowledge(mid: int, qos: int, future: asyncio.Future[Any]) -> None:
+            unacked[0] -= 1
             if future.cancelled() or future.exception() is not None:
                 if not failed.done():
                     failed.set_result(None)
@@ -140,13 +187,19 @@ class MqttSource:
             if self._client is client and paho.is_connected():
                 paho.ack(mid, qos)
                 self.acked += 1
+                flow.check()
+
+        unacked = [0]  # QoS>0 messages taken and not yet acknowledged
+        flow = _ReadFlow(client, lambda: unacked[0])
 
         async def consume() -> None:
             async for message in client.messages:
                 self.received += 1
+                flow.check()
                 future = self.handler(Message(str(message.topic), bytes(message.payload or b""),
                                               message.qos, bool(message.retain)))
                 if message.qos:
+                    unacked[0] += 1
                     mid, qos = message.mid, message.qos
                     future.add_done_callback(lambda f, m=mid, q=qos: acknowledge(m, q, f))
 
