@@ -16,7 +16,6 @@ import email.utils
 import ssl
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import aiohttp
 import yarl
@@ -261,11 +260,3 @@ def _token_outcome(exc: TokenError) -> Outcome:
         return Outcome(RETRY, status, f"OAuth2 {exc}", counts_as_failure=True)
     return Outcome(RETRY, status, f"OAuth2 {exc}", counts_as_failure=status is not None
                    and status != 429)
-
-
-def redact_url(url: str) -> str:
-    """A URL fit for a log line: user info removed."""
-    parsed: Any = yarl.URL(url, encoded=True)
-    if parsed.user or parsed.password:
-        parsed = parsed.with_user(None)
-    return str(parsed)

@@ -428,17 +428,6 @@ class Store:
                          (count, webhook))
         return dropped
 
-    def op_delivered(self, webhook: str, ids: list[int], now: float) -> Operation:
-        def delivered(conn: sqlite3.Connection) -> None:
-            self._delete(conn, ids)
-            _ensure_webhook(conn, webhook)
-            conn.execute(
-                "UPDATE webhooks SET delivered = delivered + ?, attempts = attempts + 1,"
-                " consecutive_failures = 0, last_triggered = ?, last_error = NULL"
-                " WHERE name = ?", (len(ids), now, webhook))
-
-        return delivered
-
     def op_retry(self, webhook: str, ids: list[int], status: int | None, error: str,
                  counts_as_failure: bool, now: float) -> Operation:
         """An attempt failed in a way worth retrying: keep the rows in their place in

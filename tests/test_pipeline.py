@@ -23,6 +23,7 @@ from .support import (
     Publisher,
     Received,
     base_config,
+    free_port,
     https_webhook,
     paced_publish,
     queued,
@@ -256,3 +257,38 @@ def json_lines(text: str) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return out
+
+
+async def test_tls_to_the_broker(tmp_path: Path, endpoint: Endpoint,
+                                 certs: Certificates) -> None:
+    """The bridge reaches the broker over verified TLS (a second, plain listener is
+    for the test's publisher)."""
+    broker = Mosquitto(tmp_path)
+    tls_port = free_port()
+    server_pem, server_key = tmp_path / "broker.pem", tmp_path / "broker.key"
+    certs.server.cert_chain_pems[0].write_to_path(str(server_pem))
+    certs.server.private_key_pem.write_to_path(str(server_key))
+    broker.conf.write_text(broker.conf.read_text() + (
+        f"listener {tls_port} 127.0.0.1\ncafile {certs.ca_file}\n"
+        f"certfile {server_pem}\nkeyfile {server_key}\n"))
+    broker.start()
+    config = base_config(tmp_path, broker, [https_webhook("cloud", endpoint, certs)])
+    config["mqtt"].update(port=tls_port, tls={"ca_file": str(certs.ca_file)})
+    daemon = Daemon(tmp_path, config).start()
+    publisher = Publisher(broker.port)
+    try:
+        await started(daemon)
+        await publisher.publish_all([("devices/d1/telemetry", {"seq": n}) for n in range(5)])
+        await wait_for(lambda: sorted(seqs(endpoint.requests)) == list(range(5)),
+                       what="deliveries through the TLS connection")
+        assert daemon.terminate() == 0
+        # Without the CA the broker's certificate is refused, and the log says why.
+        config["mqtt"]["tls"] = {}
+        refused = Daemon(tmp_path, config).start()
+        await wait_for(lambda: "certificate verify failed" in refused.output(), 20,
+                       "the TLS refusal in the log")
+        assert '"mqtt connected"' not in refused.output()
+        assert refused.terminate() == 0
+    finally:
+        publisher.close()
+        broker.stop()
