@@ -98,6 +98,7 @@ class Bridge:
         self._tasks: list[asyncio.Task[Any]] = []
         self._held: deque[tuple[list[NewDelivery], int, Any, asyncio.Future[Any]]] = deque()
         self.registry = Registry()
+        self._event_counters: dict[tuple[str, str], Any] = {}
         self.store.on_enqueued = self._enqueued
         self._drops = DropReporter(self.metrics)
         self._generation: str | None = None
@@ -132,7 +133,7 @@ class Bridge:
         """One delivery per event and matching webhook, carrying the event's JSON."""
         items: list[NewDelivery] = []
         for event in events:
-            self.metrics.events.labels(event.source, event.type).inc()
+            self._event_counter(event.source, event.type).inc()
             names = self.rules.match(event)
             if not names:
                 continue
@@ -142,6 +143,13 @@ class Bridge:
 
     def _queue_in_use(self) -> bool:
         return bool(self.store.bytes_queued or self.store.bytes_pending)
+
+    def _event_counter(self, source: str, type_: str) -> Any:
+        counter = self._event_counters.get((source, type_))
+        if counter is None:  # labels() takes a lock and builds a key: once per pair
+            counter = self._event_counters[(source, type_)] = self.metrics.events.labels(
+                source, type_)
+        return counter
 
     def _enqueue(self, items: list[NewDelivery], size: int, change: DeviceChange
                  ) -> asyncio.Future[Any]:

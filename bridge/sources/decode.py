@@ -119,6 +119,10 @@ class SourceDecoder:
     def _finish(self, event: Event, raw: bytes, keep_type: bool = False) -> Event:
         """Apply the type template and ``type_map``, then the label templates; a template
         the payload cannot fill makes the event ``invalid`` rather than losing it."""
+        if self._fixed_type is not None and not self.label_templates:
+            if not keep_type:
+                event.type = self._fixed_type
+            return event  # the common case: nothing to render, no envelope to build
         context = event.envelope()
         try:
             if not keep_type:
