@@ -145,7 +145,7 @@ class WebhookWorker:
             if self.webhook.batch is not None:
                 rows, wait = await self._next_batch(now)
             else:
-                row, wait = await self._next_row(now)
+                row, wait = await self._next_row()
                 rows = [row] if row is not None else []
             if not rows:
                 return None if wait == _BLOCKED else wait
@@ -164,7 +164,7 @@ class WebhookWorker:
         return (epoch == self._epoch and self.state == ENABLED and not self._stopping
                 and self.clock() >= self._paused_until and self.capacity > 0)
 
-    async def _refill(self, now: float, want: int) -> None:
+    async def _refill(self, want: int) -> None:
         exclude = self.in_flight | {r.id for r in self._ready}
         epoch = self._epoch
         self._accept_handoff(False)
@@ -243,13 +243,13 @@ class WebhookWorker:
         self._ready.extendleft(reversed(skipped))
         return taken
 
-    async def _next_row(self, now: float) -> tuple[Delivery | None, float | None]:
+    async def _next_row(self) -> tuple[Delivery | None, float | None]:
         want = 1 if self._probing else max(self.webhook.concurrency * 8, 32)
         for refill in (False, True):
             if self._caught_up and not self._ready:
                 return None, None  # nothing else is due: wait for offer() or a change
             if refill or not self._ready:
-                await self._refill(now, want)
+                await self._refill(want)
             taken = self._take(1)
             if taken:
                 return taken[0], None
@@ -261,7 +261,7 @@ class WebhookWorker:
         batch = self.webhook.batch
         assert batch is not None
         if len(self._ready) < batch.max_events:
-            await self._refill(now, batch.max_events * 2)
+            await self._refill(batch.max_events * 2)
         if not self._ready:
             return [], await self._until_next_due()
         first = self._ready[0]
