@@ -344,31 +344,24 @@ class Store:
 
     # -- operations (run in the writer thread, inside a transaction) -------------------
 
-    def op_enqueue(self, items: list[NewDelivery], now: float | None = None,
-                   also: Operation | None = None) -> Operation:
+    def _insert(self, conn: sqlite3.Connection, items: list[NewDelivery], now: float
+                ) -> dict[str, int]:
         """Queue deliveries; with ``overflow: drop_oldest`` make room first by dropping
-        the oldest queued deliveries. ``also`` runs in the same transaction (the device
-        registry's change). Returns ``{webhook: dropped}``."""
-        def enqueue(conn: sqlite3.Connection) -> dict[str, int]:
-            if also is not None:
-                also(conn)
-            if not items:
-                return {}
-            ts = time.time() if now is None else now
-            sizes = [len(d.event) + ROW_OVERHEAD for d in items]
-            dropped: dict[str, int] = {}
-            excess = self.bytes_queued + sum(sizes) - self.max_size
-            if self.max_size and excess > 0 and self.overflow == "drop_oldest":
-                dropped = self._drop_oldest(conn, excess)
-            conn.executemany(
-                "INSERT INTO deliveries (webhook, event_id, device_id, event, size, created,"
-                " due) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(d.webhook, d.event_id, d.device_id, d.event, size, ts, ts)
-                 for d, size in zip(items, sizes)])
-            self.bytes_queued += sum(sizes)
-            return dropped
-
-        return enqueue
+        the oldest queued deliveries. Returns ``{webhook: dropped}``."""
+        if not items:
+            return {}
+        sizes = [len(d.event) + ROW_OVERHEAD for d in items]
+        dropped: dict[str, int] = {}
+        excess = self.bytes_queued + sum(sizes) - self.max_size
+        if self.max_size and excess > 0 and self.overflow == "drop_oldest":
+            dropped = self._drop_oldest(conn, excess)
+        conn.executemany(
+            "INSERT INTO deliveries (webhook, event_id, device_id, event, size, created,"
+            " due) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [(d.webhook, d.event_id, d.device_id, d.event, size, now, now)
+             for d, size in zip(items, sizes)])
+        self.bytes_queued += sum(sizes)
+        return dropped
 
     def op_enqueue_batch(self, batch: _EnqueueBatch) -> Operation:
         """The coalesced enqueue: registry changes, quota, one INSERT for everything, and
@@ -377,7 +370,7 @@ class Store:
             batch.handed = []  # this may run twice (a failed group is retried op by op)
             for also in batch.also:
                 also(conn)
-            batch.dropped = self.op_enqueue(batch.items, now=batch.now)(conn)
+            batch.dropped = self._insert(conn, batch.items, batch.now)
             if not batch.items:
                 return
             last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]

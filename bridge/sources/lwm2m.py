@@ -471,12 +471,19 @@ def _failed(base: dict[str, Any], reason: str, lwm2m: dict[str, Any] | None) -> 
     return Lwm2mEvent("device.command_failed", {**base, "reason": reason}, lwm2m)
 
 
-def _content_response(msg_type: str, message: Mapping[str, Any]) -> list[Lwm2mEvent]:
-    """notify / read / observe / cancel-observe: telemetry on success."""
+def _response(msg_type: str, message: Mapping[str, Any]
+              ) -> tuple[dict[str, Any], str, dict[str, Any], dict[str, Any] | None]:
+    """What every command response carries: its data, code, common payload and path."""
     data = _data(message)
     code, code_msg = _code(data, msg_type)
     path, parsed = _request_path(data)
-    base = _command_payload(msg_type, code, code_msg, path, _request_id(message))
+    return data, code, _command_payload(msg_type, code, code_msg, path,
+                                        _request_id(message)), parsed
+
+
+def _content_response(msg_type: str, message: Mapping[str, Any]) -> list[Lwm2mEvent]:
+    """notify / read / observe / cancel-observe: telemetry on success."""
+    data, code, base, parsed = _response(msg_type, message)
     if not code.startswith("2."):
         return [_failed(base, "error_response", parsed)]
     if data.get("content") is None:
@@ -490,19 +497,13 @@ def _content_response(msg_type: str, message: Mapping[str, Any]) -> list[Lwm2mEv
 
 def _write_response(msg_type: str, message: Mapping[str, Any]) -> list[Lwm2mEvent]:
     """write / execute: one device.write whatever the outcome."""
-    data = _data(message)
-    code, code_msg = _code(data, msg_type)
-    path, parsed = _request_path(data)
-    base = _command_payload(msg_type, code, code_msg, path, _request_id(message))
+    _, code, base, parsed = _response(msg_type, message)
     return [Lwm2mEvent("device.write", {**base, "success": code.startswith("2.")}, parsed)]
 
 
 def _other_response(msg_type: str, message: Mapping[str, Any]) -> list[Lwm2mEvent]:
     """discover / write-attr / create / delete."""
-    data = _data(message)
-    code, code_msg = _code(data, msg_type)
-    path, parsed = _request_path(data)
-    base = _command_payload(msg_type, code, code_msg, path, _request_id(message))
+    data, code, base, parsed = _response(msg_type, message)
     if not code.startswith("2."):
         return [_failed(base, "error_response", parsed)]
     payload = {**base, "success": True}
