@@ -1,11 +1,14 @@
 """The MQTT source: one persistent-session subscription for every configured source.
 
-Owns the broker connection (aiomqtt on paho-mqtt 2): MQTT 5 or 3.1.1, a persistent
-session so the broker keeps QoS >= 1 messages while we are down, TLS, reconnect with
-backoff, shared subscriptions, and manual acknowledgement. A message is acknowledged only
-when the future its handler returns has resolved, which the daemon arranges to happen
-after the SQLite commit; acks go out in the order messages arrived. A handler failure
-never acks: the connection is dropped so the broker redelivers.
+Owns the broker connection (:mod:`bridge.sources.mqtt_client`): MQTT 5 or 3.1.1, a
+persistent session so the broker keeps QoS >= 1 messages while we are down, TLS,
+reconnect with backoff, shared subscriptions, and manual acknowledgement. A message is
+acknowledged only when the future its handler returns has resolved, which the daemon
+arranges to happen after the SQLite commit; acks go out in the order messages arrived
+(MQTT 4.6). A handler failure never acks: the connection is dropped so the broker
+redelivers. While more than ``RECEIVE_MAXIMUM`` messages wait for their commit the
+socket is not read, so a broker that ignores our Receive Maximum (Mosquitto 2.0 under a
+large backlog) is held back by TCP flow control instead of filling our memory.
 """
 
 from __future__ import annotations
@@ -13,21 +16,21 @@ from __future__ import annotations
 import asyncio
 import random
 import ssl
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import aiomqtt
-import paho.mqtt.client as paho
 import structlog
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from ..config import MQTTConfig
+from . import mqtt_packets as packets
+from .mqtt_client import Connection, MqttError, open_connection
 
 log = structlog.get_logger("bridge.mqtt")
 
 RECEIVE_MAXIMUM = 1000  # unacknowledged messages the broker may send us (MQTT 5)
+RESUME_BELOW = RECEIVE_MAXIMUM // 4
 
 
 @dataclass(slots=True)
@@ -41,50 +44,48 @@ class Message:
 Handler = Callable[[Message], "asyncio.Future[Any]"]
 
 
-class _ReadFlow:
-    """Stop reading the broker's socket while too many messages wait to be handled.
+class _Session:
+    """The messages of one connection that wait for their commit, in arrival order."""
 
-    The broker should never send more than our Receive Maximum unacknowledged, but a
-    broker that ignores it (seen with Mosquitto 2.0 under a 200,000-message backlog)
-    would otherwise fill memory with decoded messages. TCP flow control then makes the
-    broker hold them, where they belong."""
+    def __init__(self, source: MqttSource, connection: Connection) -> None:
+        self.source = source
+        self.connection = connection
+        self.pending: deque[tuple[asyncio.Future[Any], int, int]] = deque()
+        self.watched: asyncio.Future[Any] | None = None
 
-    HIGH = RECEIVE_MAXIMUM
-    LOW = RECEIVE_MAXIMUM // 4
-
-    def __init__(self, client: aiomqtt.Client, unacked: Callable[[], int]) -> None:
-        self.client = client
-        self.paho = client._client
-        self.unacked = unacked
-        self.loop = asyncio.get_running_loop()
-        self.paused = False
-
-    def check(self) -> None:
-        """Called for every message taken and every ack: decoded-but-waiting plus
-        taken-but-unacknowledged messages are what the broker made us hold."""
-        waiting = self.client._queue.qsize() + self.unacked()
-        sock = self.paho.socket()
-        if sock is None:
+    def take(self, topic: str, payload: bytes, qos: int, retain: bool, mid: int) -> None:
+        source = self.source
+        source.received += 1
+        future = source.handler(Message(topic, payload, qos, retain))
+        if not qos:
             return
-        if not self.paused and waiting > self.HIGH:
-            self.loop.remove_reader(sock)
-            self.paused = True
-        elif self.paused and waiting < self.LOW:
-            self.loop.add_reader(sock, self._read)
-            self.paused = False
+        self.pending.append((future, mid, qos))
+        # Messages stored by one commit share its future: watch each future once.
+        if future is not self.watched:
+            self.watched = future
+            future.add_done_callback(self.settled)
+        if len(self.pending) > RECEIVE_MAXIMUM:
+            self.connection.pause_reading()
 
-    def _read(self) -> None:
-        # What aiomqtt's own reader does: a failed read means the connection is gone.
-        try:
-            while True:
-                self.paho.loop_read()
-                sock = self.paho.socket()
-                if not (hasattr(sock, "pending") and sock.pending() > 0):
-                    break
-        except Exception as exc:
-            disconnected = self.client._disconnected
-            if not disconnected.done():
-                disconnected.set_exception(exc)
+    def settled(self, _: asyncio.Future[Any] | None = None) -> None:
+        """Acknowledge, in order, every message whose commit is done."""
+        pending, connection = self.pending, self.connection
+        open_ = not connection.closed.done()
+        while pending and pending[0][0].done():
+            future, mid, qos = pending.popleft()
+            if future.cancelled() or future.exception() is not None:
+                connection.fail(MqttError("a message could not be stored; reconnecting so "
+                                          "the broker redelivers it"))
+                pending.clear()
+                return
+            # A message of an earlier connection is never acked on a later one: its mid
+            # may belong to another message there. The broker redelivers it instead.
+            if open_:
+                connection.ack(mid, qos)
+                self.source.acked += 1
+        if connection.reading_paused and len(pending) < RESUME_BELOW \
+                and not self.source._stopping:
+            connection.resume_reading()
 
 
 class MqttSource:
@@ -98,7 +99,7 @@ class MqttSource:
         self.connected = asyncio.Event()
         self.received = 0
         self.acked = 0
-        self._client: aiomqtt.Client | None = None
+        self._connection: Connection | None = None
         self._stopping = False
         self._retained: dict[str, bytes] = {}
         self._task: asyncio.Task[None] | None = None
@@ -109,118 +110,105 @@ class MqttSource:
         group = self.config.shared_group
         return f"$share/{group}/{topic_filter}" if group else topic_filter
 
-    def _make_client(self) -> aiomqtt.Client:
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        tls = self.config.tls
+        if tls is None:
+            return None
+        context = ssl.create_default_context(cafile=tls.ca_file)
+        if tls.cert_file:
+            context.load_cert_chain(tls.cert_file, tls.key_file)
+        if not tls.verify:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        return context
+
+    async def _connect(self) -> tuple[Connection, _Session]:
         cfg = self.config
         v5 = cfg.protocol == "5"
-        properties = None
-        if v5:
-            properties = Properties(PacketTypes.CONNECT)
-            properties.SessionExpiryInterval = cfg.session_expiry
-            properties.ReceiveMaximum = RECEIVE_MAXIMUM
-        tls_params = None
-        if cfg.tls is not None:
-            tls_params = aiomqtt.TLSParameters(
-                ca_certs=cfg.tls.ca_file, certfile=cfg.tls.cert_file, keyfile=cfg.tls.key_file,
-                cert_reqs=ssl.CERT_REQUIRED if cfg.tls.verify else ssl.CERT_NONE)
-        client = aiomqtt.Client(
-            cfg.host, cfg.port, identifier=cfg.client_id, username=cfg.username,
-            password=cfg.password,
-            protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
-            clean_session=None if v5 else False,
-            clean_start=False if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
-            keepalive=cfg.keepalive, properties=properties, tls_params=tls_params,
-            tls_insecure=(not cfg.tls.verify) if cfg.tls is not None else None,
-            max_inflight_messages=100, timeout=10)
-        # Acknowledge only after the commit (paho-mqtt 2 manual acks).
-        client._client.manual_ack_set(True)  # aiomqtt does not expose it
-        return client
+        session: _Session | None = None
+
+        def on_publish(topic: str, payload: bytes, qos: int, retain: bool, mid: int) -> None:
+            assert session is not None
+            session.take(topic, payload, qos, retain, mid)
+
+        # The session exists before CONNECT: a resumed session's queued messages may
+        # arrive in the same read as the CONNACK.
+        def make_session(connection: Connection) -> None:
+            nonlocal session
+            session = _Session(self, connection)
+
+        connection, _ = await open_connection(
+            cfg.host, cfg.port, ssl_context=self._ssl_context(), client_id=cfg.client_id,
+            v5=v5, keepalive=cfg.keepalive, clean_start=False, username=cfg.username,
+            password=cfg.password, session_expiry=cfg.session_expiry,
+            receive_maximum=RECEIVE_MAXIMUM, on_publish=on_publish,
+            on_made=make_session)
+        assert session is not None
+        return connection, session
 
     async def run(self) -> None:
         """Connect, subscribe and consume until :meth:`stop`; reconnect on any failure."""
         delay = 1.0
         while not self._stopping:
-            client = self._make_client()
             try:
-                async with client:
-                    self._client = client
-                    delay = 1.0
-                    await self._on_connected(client)
-                    await self._consume(client)
-            except aiomqtt.MqttError as exc:
-                if self._stopping:
-                    break
-                log.warning("mqtt connection lost", host=self.config.host,
-                            port=self.config.port, cause=str(exc), retry_in=round(delay, 1))
-            except (OSError, ValueError, ssl.SSLError) as exc:
+                connection, session = await self._connect()
+            except (MqttError, OSError, ValueError, ssl.SSLError) as exc:
                 log.error("mqtt connection failed", host=self.config.host,
-                          port=self.config.port, cause=f"{type(exc).__name__}: {exc}",
+                          port=self.config.port, cause=_describe(exc),
                           retry_in=round(delay, 1))
-            finally:
-                self._client = None
-                self.connected.clear()
+            else:
+                delay = 1.0
+                self._connection = connection
+                try:
+                    await self._serve(connection, session)
+                except MqttError as exc:
+                    if self._stopping:
+                        break
+                    log.warning("mqtt connection lost", host=self.config.host,
+                                port=self.config.port, cause=str(exc),
+                                retry_in=round(delay, 1))
+                finally:
+                    self._connection = None
+                    self.connected.clear()
+                    connection.fail(MqttError("closed"))
             if self._stopping:
                 break
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, 30.0)
 
-    async def _on_connected(self, client: aiomqtt.Client) -> None:
+    async def _serve(self, connection: Connection, session: _Session) -> None:
         if self.filters:
-            await client.subscribe([(self.subscription(f), qos) for f, qos in self.filters])
+            await self._subscribe(connection, self.filters)
         log.info("mqtt connected", host=self.config.host, port=self.config.port,
                  client_id=self.config.client_id, subscriptions=len(self.filters))
         self.connected.set()
         for topic, payload in list(self._retained.items()):
-            await client.publish(topic, payload, qos=1, retain=True)
-
-    async def _consume(self, client: aiomqtt.Client) -> None:
-        paho = client._client
-        failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-        def acknowledge(mid: int, qos: int, future: asyncio.Future[Any]) -> None:
-            unacked[0] -= 1
-            if future.cancelled() or future.exception() is not None:
-                if not failed.done():
-                    failed.set_result(None)
-                return
-            # A message from an earlier connection must not be acked on this one: its mid
-            # may now belong to another message. The broker redelivers it instead.
-            if self._client is client and paho.is_connected():
-                paho.ack(mid, qos)
-                self.acked += 1
-                flow.check()
-
-        unacked = [0]  # QoS>0 messages taken and not yet acknowledged
-        flow = _ReadFlow(client, lambda: unacked[0])
-
-        async def consume() -> None:
-            async for message in client.messages:
-                self.received += 1
-                flow.check()
-                future = self.handler(Message(str(message.topic), bytes(message.payload or b""),
-                                              message.qos, bool(message.retain)))
-                if message.qos:
-                    unacked[0] += 1
-                    mid, qos = message.mid, message.qos
-                    future.add_done_callback(lambda f, m=mid, q=qos: acknowledge(m, q, f))
-
-        consumer = asyncio.create_task(consume())
-        stop = asyncio.create_task(self._stop_requested.wait())
+            await connection.publish(topic, payload, retain=True)
+        stop = asyncio.ensure_future(self._stop_requested.wait())
         try:
-            done, _ = await asyncio.wait({consumer, failed, stop},
-                                         return_when=asyncio.FIRST_COMPLETED)
-            if failed in done:
-                raise aiomqtt.MqttError("a message could not be stored; reconnecting so the "
-                                        "broker redelivers it")
-            if stop in done:
-                consumer.cancel()
-                if self._drain is not None:
-                    await self._drain()  # commits what was taken, so its acks go out now
-                await asyncio.sleep(0)
-                return
-            consumer.result()
+            await asyncio.wait({connection.closed, stop}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            consumer.cancel()
             stop.cancel()
+        if connection.closed.done():
+            connection.closed.result()  # raises why it closed
+            return
+        # Stopping: take nothing more, commit what was taken so its acks go out now.
+        connection.pause_reading()
+        if self._drain is not None:
+            await self._drain()
+        await asyncio.sleep(0)  # let the commit's callbacks queue their acks
+        session.settled()
+        connection.disconnect()
+
+    async def _subscribe(self, connection: Connection, filters: list[tuple[str, int]]
+                         ) -> None:
+        codes = await connection.subscribe([(self.subscription(f), q) for f, q in filters])
+        for (topic_filter, _), code in zip(filters, codes):
+            if code >= 0x80:
+                log.error("mqtt subscription refused", filter=self.subscription(topic_filter),
+                          cause=packets.reason_text(code, self.config.protocol == "5"),
+                          fix="allow this client to subscribe to the topic in the "
+                              "broker's ACL, or change the source's topic")
 
     async def publish(self, topic: str, payload: bytes, retain: bool = True) -> None:
         """Publish a notice now if connected, and (retained ones) again on every connect."""
@@ -228,11 +216,11 @@ class MqttSource:
             self._retained[topic] = payload
         elif retain:
             self._retained.pop(topic, None)  # an empty retained message clears the topic
-        client = self._client
-        if client is not None and self.connected.is_set():
+        connection = self._connection
+        if connection is not None and self.connected.is_set():
             try:
-                await client.publish(topic, payload, qos=1, retain=retain)
-            except aiomqtt.MqttError as exc:
+                await connection.publish(topic, payload, retain=retain)
+            except MqttError as exc:
                 log.warning("mqtt publish failed", topic=topic, cause=str(exc))
 
     async def set_filters(self, filters: list[tuple[str, int]]) -> None:
@@ -242,15 +230,15 @@ class MqttSource:
         new = dict(filters)
         added = [(f, q) for f, q in filters if old.get(f) != q]
         removed = [f for f in old if f not in new]
-        client = self._client
-        if client is None or not self.connected.is_set():
+        connection = self._connection
+        if connection is None or not self.connected.is_set():
             return  # applied on the next connect
         try:
             if added:
-                await client.subscribe([(self.subscription(f), q) for f, q in added])
+                await self._subscribe(connection, added)
             if removed:
-                await client.unsubscribe([self.subscription(f) for f in removed])
-        except aiomqtt.MqttError as exc:
+                await connection.unsubscribe([self.subscription(f) for f in removed])
+        except MqttError as exc:
             log.warning("mqtt subscription change failed; applied on reconnect",
                         cause=str(exc))
         log.info("mqtt subscriptions changed", added=[f for f, _ in added], removed=removed)
@@ -271,5 +259,11 @@ class MqttSource:
             self._task.cancel()
         try:
             await asyncio.wait_for(asyncio.shield(self._task), 15)
-        except (asyncio.CancelledError, asyncio.TimeoutError, aiomqtt.MqttError):
+        except (asyncio.CancelledError, asyncio.TimeoutError, MqttError):
             self._task.cancel()
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, MqttError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
