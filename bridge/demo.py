@@ -19,13 +19,13 @@ import socket
 import sys
 import tempfile
 
-import aiomqtt
 import yaml
 
 from . import logs
 from .config import Config, load_config
 from .receiver import Receiver, serve, stop_on_signals
 from .signing import generate_secret
+from .sources.mqtt_client import MqttError, open_connection
 
 DEVICE = "demo-1"
 WEBHOOK = "demo-receiver"
@@ -87,17 +87,23 @@ async def simulate_device(port: int, stop: asyncio.Event) -> None:
     """Publish a reading every second until ``stop`` (reconnecting if the broker blips)."""
     seq, temp = 0, 21.5
     while not stop.is_set():
+        connection = None
         try:
-            async with aiomqtt.Client("127.0.0.1", port, identifier=f"{DEVICE}-sim",
-                                      protocol=aiomqtt.ProtocolVersion.V311) as client:
-                while not stop.is_set():
-                    seq += 1
-                    temp = round(temp + random.uniform(-0.3, 0.3), 2)
-                    await client.publish(f"devices/{DEVICE}/telemetry", qos=1,
-                                         payload=json.dumps({"temp": temp, "seq": seq}))
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(stop.wait(), 1.0)
-        except aiomqtt.MqttError as exc:
+            connection, _ = await open_connection(
+                "127.0.0.1", port, ssl_context=None, client_id=f"{DEVICE}-sim", v5=False,
+                keepalive=30, clean_start=True, username=None, password=None,
+                session_expiry=0, receive_maximum=0, on_publish=lambda *_: None)
+            while not stop.is_set():
+                seq += 1
+                temp = round(temp + random.uniform(-0.3, 0.3), 2)
+                await connection.publish(f"devices/{DEVICE}/telemetry",
+                                         json.dumps({"temp": temp, "seq": seq}).encode())
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 1.0)
+            connection.disconnect()
+        except (MqttError, OSError) as exc:
+            if connection is not None:
+                connection.fail(MqttError("reconnecting"))
             print(f"simulated device: {exc}; reconnecting", file=sys.stderr, flush=True)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), 1.0)
