@@ -16,7 +16,7 @@ import signal
 import time
 import tracemalloc
 from collections import deque
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import structlog
@@ -78,6 +78,16 @@ class DropReporter:
         self.burst, self._timer = {}, None
 
 
+@dataclass(slots=True)
+class _CommitGroup:
+    """The messages whose deliveries one group commit stores."""
+
+    future: asyncio.Future[Any]
+    messages: int = 0
+    size: int = 0
+    changes: list[DeviceChange] = field(default_factory=list)
+
+
 class Bridge:
     """One running bridge for one configuration."""
 
@@ -99,6 +109,7 @@ class Bridge:
         self._held: deque[tuple[list[NewDelivery], int, Any, asyncio.Future[Any]]] = deque()
         self.registry = Registry()
         self._event_counters: dict[tuple[str, str], Any] = {}
+        self._commit_group: _CommitGroup | None = None
         self.store.on_enqueued = self._enqueued
         self._drops = DropReporter(self.metrics)
         self._generation: str | None = None
@@ -155,21 +166,30 @@ class Bridge:
                  ) -> asyncio.Future[Any]:
         self.store.bytes_pending += size
         future = self.store.enqueue(items, _registry_op(change) if change else None)
-        future.add_done_callback(lambda f: self._committed(f, size, change))
+        # Messages stored by one commit share its future: account for them together.
+        group = self._commit_group
+        if group is None or group.future is not future:
+            group = self._commit_group = _CommitGroup(future)
+            future.add_done_callback(lambda f, g=group: self._committed(f, g))
+        group.messages += 1
+        group.size += size
+        if change:
+            group.changes.append(change)
         return future
 
-    def _committed(self, future: asyncio.Future[Any], size: int, change: DeviceChange
-                   ) -> None:
-        self.store.bytes_pending -= size
+    def _committed(self, future: asyncio.Future[Any], group: _CommitGroup) -> None:
+        if self._commit_group is group:
+            self._commit_group = None
+        self.store.bytes_pending -= group.size
         if future.cancelled() or future.exception() is not None:
-            if change:
+            for change in reversed(group.changes):
                 self.registry.revert(change)  # the redelivery must see the device as new
-            self.metrics.messages_rejected.inc()
-            log.error("message not stored; the broker will send it again",
-                      cause=str(future.exception()))
+            self.metrics.messages_rejected.inc(group.messages)
+            log.error("messages not stored; the broker will send them again",
+                      messages=group.messages, cause=str(future.exception()))
             return
-        self.metrics.messages_accepted.inc()
-        self.accepted += 1
+        self.metrics.messages_accepted.inc(group.messages)
+        self.accepted += group.messages
 
     def _enqueued(self, dropped: dict[str, int], handed: list[Delivery]) -> None:
         """After each commit that queued deliveries: count drops, give idle workers
