@@ -21,6 +21,7 @@ except ImportError:  # optional: a little faster on the hot path
     orjson = None  # type: ignore[assignment]
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_PAIRS = [a + b for a in _CROCKFORD for b in _CROCKFORD]  # every 10-bit value
 INVALID = "invalid"
 
 
@@ -41,12 +42,15 @@ class _Ulid:
             else:
                 rand = int.from_bytes(os.urandom(10), "big") >> 1  # room to increment
             self._last_ms, self._last_rand = ms, rand
-        value = (ms << 80) | rand
-        chars = []
-        for _ in range(26):
-            chars.append(_CROCKFORD[value & 31])
-            value >>= 5
-        return "".join(reversed(chars))
+        # 48-bit time then 80-bit random part, 10 bits (two characters) at a time.
+        pairs = _PAIRS
+        return (_CROCKFORD[ms >> 45] + pairs[(ms >> 35) & 1023] + pairs[(ms >> 25) & 1023]
+                + pairs[(ms >> 15) & 1023] + pairs[(ms >> 5) & 1023]
+                + pairs[((ms & 31) << 5) | (rand >> 75)]
+                + pairs[(rand >> 65) & 1023] + pairs[(rand >> 55) & 1023]
+                + pairs[(rand >> 45) & 1023] + pairs[(rand >> 35) & 1023]
+                + pairs[(rand >> 25) & 1023] + pairs[(rand >> 15) & 1023]
+                + pairs[(rand >> 5) & 1023] + _CROCKFORD[rand & 31])
 
 
 _ulid = _Ulid()
@@ -72,8 +76,15 @@ def iso_now(ts: float | None = None) -> str:
     """RFC 3339 UTC with milliseconds and a ``Z``: ``2026-11-22T10:00:00.123Z``."""
     ts = time.time() if ts is None else ts
     seconds = int(ts // 1)
-    return (time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
-            + f".{int((ts - seconds) * 1000):03d}Z")
+    global _second_text
+    cached_second, text = _second_text
+    if seconds != cached_second:  # formatting the date costs more than the message
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+        _second_text = (seconds, text)
+    return f"{text}.{int((ts - seconds) * 1000):03d}Z"
+
+
+_second_text: tuple[int, str] = (-1, "")
 
 
 @dataclass(slots=True)
