@@ -143,21 +143,25 @@ class WebhookWorker:
                 return wait
             epoch = self._epoch
             if self.webhook.batch is not None:
-                rows, wait = await self._next_batch(now)
+                # Several batches per commit: forming one costs a commit, sending one
+                # does not, so one at a time would leave the request slots idle.
+                limit = 1 if self._bucket is not None else self.capacity
+                batches, wait = await self._next_batches(now, limit)
             else:
                 row, wait = await self._next_row()
-                rows = [row] if row is not None else []
-            if not rows:
+                batches = [[row]] if row is not None else []
+            if not batches:
                 return None if wait == _BLOCKED else wait
-            if not self._may_still_start(epoch):
+            if not self._may_still_start(epoch) or self.capacity < len(batches):
                 # An attempt failed (or the state changed) while we read the queue: the
                 # pause and the single probe now rule, so look again from the top.
-                self.store.leased.difference_update(r.id for r in rows)
+                self.store.leased.difference_update(r.id for rows in batches for r in rows)
                 self._clear_ready()  # refetch in queue order: nothing may overtake these
                 return 0.0
-            if self._bucket is not None:
-                self._bucket.take()
-            self._start(rows)
+            for rows in batches:
+                if self._bucket is not None:
+                    self._bucket.take()
+                self._start(rows)
         return None
 
     def _may_still_start(self, epoch: int) -> bool:
@@ -194,7 +198,9 @@ class WebhookWorker:
 
     def offer(self, rows: list[Delivery]) -> None:
         """Deliveries just committed for this webhook (leased for it by the store)."""
-        limit = max(self.webhook.concurrency * 32, 256)
+        batch = self.webhook.batch
+        limit = max(self.webhook.concurrency * 32, 256,
+                    2 * self.webhook.concurrency * batch.max_events if batch else 0)
         if self._refilling:
             self._offered.extend(rows)
         elif self._caught_up and len(self._ready) < limit and self.state == ENABLED:
@@ -257,11 +263,16 @@ class WebhookWorker:
             return None, _BLOCKED
         return None, await self._until_next_due()
 
-    async def _next_batch(self, now: float) -> tuple[list[Delivery], float | None]:
+    async def _next_batches(self, now: float, limit: int
+                            ) -> tuple[list[list[Delivery]], float | None]:
+        """Up to ``limit`` batches to send now. A partial batch goes only once its oldest
+        member has waited ``max_wait``; every batch's id and members are committed before
+        it is sent, so a retry sends the same batch."""
         batch = self.webhook.batch
         assert batch is not None
-        if len(self._ready) < batch.max_events:
-            await self._refill(batch.max_events * 2)
+        size = batch.max_events
+        if len(self._ready) < size * limit:
+            await self._refill(size * (limit + 1))
         if not self._ready:
             return [], await self._until_next_due()
         first = self._ready[0]
@@ -270,18 +281,27 @@ class WebhookWorker:
                 Store.q_batch(self.name, first.batch_id), skip_leased=False))
             members = {r.id for r in rows}
             self._ready = deque(r for r in self._ready if r.id not in members)
-            return [r for r in rows if r.id not in self.in_flight], None
-        fresh = [r for r in self._ready if r.batch_id is None][:batch.max_events]
-        oldest = min(r.created for r in fresh)
-        if len(fresh) < batch.max_events and now < oldest + batch.max_wait:
-            return [], oldest + batch.max_wait - now
-        chosen = {r.id for r in fresh}
+            return [[r for r in rows if r.id not in self.in_flight]], None
+        fresh: list[Delivery] = []
+        for row in self._ready:
+            if row.batch_id is not None or len(fresh) == size * limit:
+                break
+            fresh.append(row)
+        groups = [fresh[start:start + size] for start in range(0, len(fresh), size)]
+        if len(groups[-1]) < size:
+            oldest = min(r.created for r in groups[-1])
+            if now < oldest + batch.max_wait:
+                groups.pop()
+                if not groups:
+                    return [], oldest + batch.max_wait - now
+        chosen = {r.id for rows in groups for r in rows}
         self._ready = deque(r for r in self._ready if r.id not in chosen)
-        batch_id = new_id("bat_")
-        await self.store.write(self.store.op_assign_batch(sorted(chosen), batch_id))
-        for row in fresh:
-            row.batch_id = batch_id
-        return fresh, None
+        assignments = [(sorted(r.id for r in rows), new_id("bat_")) for rows in groups]
+        await self.store.write(self.store.op_assign_batches(assignments))
+        for rows, (_, batch_id) in zip(groups, assignments):
+            for row in rows:
+                row.batch_id = batch_id
+        return groups, None
 
     async def _until_next_due(self) -> float | None:
         due = await self.store.read(Store.q_next_due(self.name, set(self.in_flight)))

@@ -473,11 +473,12 @@ class Store:
 
         return lease
 
-    def op_assign_batch(self, ids: list[int], batch_id: str) -> Operation:
-        """Pin deliveries to a batch so every retry sends the same batch and id."""
+    def op_assign_batches(self, batches: list[tuple[list[int], str]]) -> Operation:
+        """Pin deliveries to batches (ids, batch_id) so every retry sends the same batch
+        with the same id."""
         def assign(conn: sqlite3.Connection) -> None:
             conn.executemany("UPDATE deliveries SET batch_id = ? WHERE id = ?",
-                             [(batch_id, i) for i in ids])
+                             [(batch_id, i) for ids, batch_id in batches for i in ids])
 
         return assign
 
