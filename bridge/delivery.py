@@ -1,11 +1,11 @@
 """Delivery: one HTTP attempt for one webhook, and what its outcome means.
 
-Owns the aiohttp session of each webhook (keep-alive pool sized to its ``concurrency``,
-TLS and mTLS, redirects never followed), the headers of SPEC §4 (``webhook-id``,
-``webhook-timestamp``, ``User-Agent``), auth (basic, bearer, header, OAuth2 client
-credentials with a cached token), signing, and the classification of a response or an
-exception into delivered / retry / dead / gone. When to attempt is :mod:`bridge.dispatch`'s
-business; what to send is :mod:`bridge.render`'s.
+Owns the connection pool of each webhook (:mod:`bridge.http1`: keep-alive, sized to its
+``concurrency``, TLS and mTLS, redirects never followed), the headers of SPEC §4
+(``webhook-id``, ``webhook-timestamp``, ``User-Agent``), auth (basic, bearer, header,
+OAuth2 client credentials with a cached token, fetched with aiohttp), signing, and the
+classification of a response or an exception into delivered / retry / dead / gone. When
+to attempt is :mod:`bridge.dispatch`'s business; what to send is :mod:`bridge.render`'s.
 """
 
 from __future__ import annotations
@@ -18,16 +18,15 @@ import time
 from dataclasses import dataclass
 
 import aiohttp
-import yarl
 
-from . import __version__, logs
+from . import __version__, http1, logs
 from .config import TLSConfig, WebhookConfig
 from .render import Request
 from .signing import SecretKeeper, signature_headers
 
 USER_AGENT = f"webhook-bridge/{__version__}"
 RETRY_AFTER_CAP = 3600.0
-EXCERPT = 1024
+EXCERPT = http1.EXCERPT
 RETRYABLE_STATUSES = frozenset({408, 425, 429}) | frozenset(range(500, 600))
 
 DELIVERED, RETRY, DEAD, GONE = "delivered", "retry", "dead", "gone"
@@ -62,22 +61,32 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     return min(max(delay, 0.0), RETRY_AFTER_CAP)
 
 
+def _header(headers: dict[str, str], name: str) -> str | None:
+    """A header by name in any case (:class:`http1.Headers` ignores case itself; a plain
+    dict from elsewhere may hold ``retry-after`` or ``Retry-After``)."""
+    value = headers.get(name)
+    if value is None and not isinstance(headers, http1.Headers):
+        key = name.lower()
+        value = next((v for k, v in headers.items() if k.lower() == key), None)
+    return value
+
+
 def classify_response(status: int, headers: dict[str, str], excerpt: str) -> Outcome:
     if 200 <= status < 300:
         return Outcome(DELIVERED, status)
-    if headers.get("webhook-delivery", "").strip().lower() == "abort-message":
+    if (_header(headers, "webhook-delivery") or "").strip().lower() == "abort-message":
         return Outcome(DEAD, status, f"HTTP {status} with webhook-delivery: abort-message",
                        counts_as_failure=True, response=excerpt)
     if status == 410:
         return Outcome(GONE, status, "HTTP 410 Gone: the endpoint asked to stop",
                        counts_as_failure=True, response=excerpt)
     if status in RETRYABLE_STATUSES:
-        retry_after = parse_retry_after(headers.get("Retry-After")) \
+        retry_after = parse_retry_after(_header(headers, "Retry-After")) \
             if status in (429, 503) else None
         return Outcome(RETRY, status, f"HTTP {status}", retry_after=retry_after,
                        counts_as_failure=status != 429, response=excerpt)
     if 300 <= status < 400:
-        location = headers.get("Location", "?")
+        location = _header(headers, "Location") or "?"
         return Outcome(DEAD, status, f"HTTP {status} redirect to {location} not followed; "
                        "put the final URL in the webhook", counts_as_failure=True,
                        response=excerpt)
@@ -88,19 +97,23 @@ def classify_exception(exc: BaseException) -> Outcome:
     """Timeouts and connection errors are retried; they never count towards
     ``failure_limit`` (the gateway may simply be offline), except TLS failures, which
     mean the endpoint is misconfigured and will not heal by waiting."""
-    if isinstance(exc, (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError,
-                        ssl.SSLError)):
+    if isinstance(exc, ssl.SSLError):
         return Outcome(RETRY, None, f"TLS failure: {_describe(exc)}", counts_as_failure=True)
-    if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
+    if isinstance(exc, asyncio.TimeoutError):
+        return Outcome(RETRY, None, "timed out")
+    if isinstance(exc, http1.HTTPClientError):
+        return Outcome(RETRY, None, f"connection failed: {exc}")
+    # The OAuth2 token request still goes through aiohttp.
+    if isinstance(exc, (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError)):
+        return Outcome(RETRY, None, f"TLS failure: {_describe(exc)}", counts_as_failure=True)
+    if isinstance(exc, aiohttp.ServerTimeoutError):
         return Outcome(RETRY, None, "timed out")
     if isinstance(exc, (aiohttp.ClientError, OSError)):
         return Outcome(RETRY, None, f"connection failed: {_describe(exc)}")
     return Outcome(RETRY, None, f"unexpected error: {_describe(exc)}")
 
 
-def _describe(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return text if type(exc).__name__ in text else f"{type(exc).__name__}: {text}"
+_describe = http1.describe
 
 
 def ssl_context(tls: TLSConfig | None) -> ssl.SSLContext:
@@ -118,9 +131,11 @@ def ssl_context(tls: TLSConfig | None) -> ssl.SSLContext:
 class OAuth2Token:
     """OAuth2 client credentials: one token request, cached until shortly before expiry."""
 
-    def __init__(self, webhook: WebhookConfig, session: aiohttp.ClientSession) -> None:
+    def __init__(self, webhook: WebhookConfig,
+                 session: aiohttp.ClientSession | None = None) -> None:
         self.auth = webhook.auth
-        self.session = session
+        self.tls = webhook.tls
+        self.session = session  # opened at the first fetch, unless given
         self.timeout = webhook.timeout
         self._token: str | None = None
         self._expires = 0.0
@@ -140,6 +155,10 @@ class OAuth2Token:
             if self.auth.scope:
                 form["scope"] = self.auth.scope
             self.fetches += 1
+            if self.session is None:
+                self.session = aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(limit=1, ssl=ssl_context(self.tls)),
+                    cookie_jar=aiohttp.DummyCookieJar(), skip_auto_headers=("User-Agent",))
             async with self.session.post(self.auth.token_url or "", data=form,
                                          allow_redirects=False,
                                          timeout=aiohttp.ClientTimeout(total=self.timeout)
@@ -157,6 +176,11 @@ class OAuth2Token:
             self._expires = time.monotonic() + max(lifetime - min(30.0, lifetime / 10), 1.0)
             return token
 
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+
 
 class TokenError(Exception):
     def __init__(self, message: str, status: int | None) -> None:
@@ -170,8 +194,9 @@ class Sender:
     def __init__(self, webhook: WebhookConfig, secrets: SecretKeeper | None = None) -> None:
         self.webhook = webhook
         self.secrets = secrets
-        self.session: aiohttp.ClientSession | None = None
+        self.pool: http1.ConnectionPool | None = None
         self.oauth2: OAuth2Token | None = None
+        self._auth_headers: dict[str, str] | None = None
 
     async def start(self) -> None:
         self.start_nowait()
@@ -179,21 +204,27 @@ class Sender:
     def start_nowait(self) -> None:
         """Open the connection pool (inside a running event loop)."""
         webhook = self.webhook
-        connector = aiohttp.TCPConnector(
-            limit=max(webhook.concurrency, 1) + 1, ssl=ssl_context(webhook.tls),
-            keepalive_timeout=60)
-        self.session = aiohttp.ClientSession(
-            connector=connector, cookie_jar=aiohttp.DummyCookieJar(),
-            timeout=aiohttp.ClientTimeout(total=webhook.timeout), auto_decompress=True,
-            skip_auto_headers=("User-Agent",))
+        tls = webhook.tls
+        self.pool = http1.ConnectionPool(max(webhook.concurrency, 1) + 1, webhook.timeout,
+                                         lambda: ssl_context(tls))
+        if webhook.url.lower().startswith("https:"):
+            # Now, not at the first request: a bad CA or key file fails the start.
+            self.pool.tls_context()
         if webhook.auth.type == "oauth2":
-            self.oauth2 = OAuth2Token(webhook, self.session)
+            self.oauth2 = OAuth2Token(webhook)
 
     async def close(self) -> None:
-        if self.session is not None:
-            await self.session.close()
+        if self.pool is not None:
+            await self.pool.close()
+        if self.oauth2 is not None:
+            await self.oauth2.close()
 
     def static_auth_headers(self) -> dict[str, str]:
+        if self._auth_headers is None:
+            self._auth_headers = self._make_auth_headers()
+        return self._auth_headers
+
+    def _make_auth_headers(self) -> dict[str, str]:
         auth = self.webhook.auth
         if auth.type == "basic":
             pair = f"{auth.username}:{auth.password}".encode()
@@ -219,7 +250,7 @@ class Sender:
 
     async def send(self, request: Request, msg_id: str) -> Outcome:
         """One attempt (plus one immediate retry with a fresh OAuth2 token after a 401)."""
-        assert self.session is not None, "Sender.start() first"
+        assert self.pool is not None, "Sender.start() first"
         started = time.monotonic()
         try:
             outcome = await self._send_once(request, msg_id)
@@ -232,23 +263,21 @@ class Sender:
 
     async def _send_once(self, request: Request, msg_id: str, refreshed: bool = False
                          ) -> Outcome:
-        assert self.session is not None
+        assert self.pool is not None
         headers = self.final_headers(request, msg_id, int(time.time()))
         token = None
         if self.oauth2 is not None:
             token = await self.oauth2.get()
             headers["Authorization"] = f"Bearer {token}"
-        async with self.session.request(
-                request.method, yarl.URL(request.url, encoded=True), data=request.body,
-                headers=headers, allow_redirects=False) as response:
-            excerpt = (await response.content.read(EXCERPT)).decode("utf-8", "replace")
-            response_headers = dict(response.headers)
-            status = response.status
+        response = await self.pool.request(request.method, request.url, headers,
+                                            request.body)
+        status = response.status
         if status == 401 and token is not None and not refreshed and self.oauth2 is not None:
             self.oauth2.invalidate(token)
             return await self._send_once(request, msg_id, refreshed=True)
-        outcome = classify_response(status, response_headers, excerpt)
-        outcome.headers = response_headers
+        excerpt = response.text()
+        outcome = classify_response(status, response.headers, excerpt)
+        outcome.headers = response.headers
         if outcome.response is None:
             outcome.response = excerpt
         return outcome
