@@ -14,15 +14,18 @@ import asyncio
 import base64
 import email.utils
 import ssl
+import sys
 import time
 from dataclasses import dataclass
-
-import aiohttp
+from typing import TYPE_CHECKING
 
 from . import __version__, http1, logs
 from .config import TLSConfig, WebhookConfig
 from .render import Request
 from .signing import SecretKeeper, signature_headers
+
+if TYPE_CHECKING:  # aiohttp's client is loaded only for OAuth2 token requests (~17 MB RSS)
+    import aiohttp
 
 USER_AGENT = f"webhook-bridge/{__version__}"
 RETRY_AFTER_CAP = 3600.0
@@ -103,12 +106,17 @@ def classify_exception(exc: BaseException) -> Outcome:
         return Outcome(RETRY, None, "timed out")
     if isinstance(exc, http1.HTTPClientError):
         return Outcome(RETRY, None, f"connection failed: {exc}")
-    # The OAuth2 token request still goes through aiohttp.
-    if isinstance(exc, (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError)):
-        return Outcome(RETRY, None, f"TLS failure: {_describe(exc)}", counts_as_failure=True)
-    if isinstance(exc, aiohttp.ServerTimeoutError):
-        return Outcome(RETRY, None, "timed out")
-    if isinstance(exc, (aiohttp.ClientError, OSError)):
+    # The OAuth2 token request goes through aiohttp (when it is loaded at all).
+    aiohttp = sys.modules.get("aiohttp")
+    if aiohttp is not None:
+        if isinstance(exc, (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError)):
+            return Outcome(RETRY, None, f"TLS failure: {_describe(exc)}",
+                           counts_as_failure=True)
+        if isinstance(exc, aiohttp.ServerTimeoutError):
+            return Outcome(RETRY, None, "timed out")
+        if isinstance(exc, aiohttp.ClientError):
+            return Outcome(RETRY, None, f"connection failed: {_describe(exc)}")
+    if isinstance(exc, OSError):
         return Outcome(RETRY, None, f"connection failed: {_describe(exc)}")
     return Outcome(RETRY, None, f"unexpected error: {_describe(exc)}")
 
@@ -156,9 +164,13 @@ class OAuth2Token:
                 form["scope"] = self.auth.scope
             self.fetches += 1
             if self.session is None:
+                import aiohttp
+
                 self.session = aiohttp.ClientSession(
                     connector=aiohttp.TCPConnector(limit=1, ssl=ssl_context(self.tls)),
                     cookie_jar=aiohttp.DummyCookieJar(), skip_auto_headers=("User-Agent",))
+            import aiohttp
+
             async with self.session.post(self.auth.token_url or "", data=form,
                                          allow_redirects=False,
                                          timeout=aiohttp.ClientTimeout(total=self.timeout)
