@@ -79,6 +79,7 @@ class WebhookWorker:
         self._epoch = 0  # bumped whenever the ready queue is thrown away
         self._caught_up = False  # the queue holds nothing due beyond ready and in flight
         self._refilling = False
+        self._prefetch: asyncio.Task[None] | None = None
         self._offered: list[Delivery] = []  # handed over while a refill was reading
         self._changed = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -250,18 +251,34 @@ class WebhookWorker:
         return taken
 
     async def _next_row(self) -> tuple[Delivery | None, float | None]:
-        want = 1 if self._probing else max(self.webhook.concurrency * 8, 32)
+        want = 1 if self._probing else max(self.webhook.concurrency * 32, 128)
+        if (self._prefetch is None and not self._probing and not self._caught_up
+                and 0 < len(self._ready) <= want // 2):
+            # Read the next rows while these are sent: a refill waits for a group commit,
+            # and request slots would idle meanwhile.
+            self._prefetch = asyncio.create_task(self._refill(want), name="prefetch")
+            self._prefetch.add_done_callback(self._prefetched)
         for refill in (False, True):
             if self._caught_up and not self._ready:
                 return None, None  # nothing else is due: wait for offer() or a change
             if refill or not self._ready:
-                await self._refill(want)
+                if self._prefetch is not None:
+                    await asyncio.shield(self._prefetch)
+                else:
+                    await self._refill(want)
             taken = self._take(1)
             if taken:
                 return taken[0], None
         if self._ready:
             return None, _BLOCKED
         return None, await self._until_next_due()
+
+    def _prefetched(self, task: asyncio.Task[None]) -> None:
+        self._prefetch = None
+        if not task.cancelled() and task.exception() is not None:
+            log.error("reading the queue failed", webhook=self.name,
+                      cause=f"{type(task.exception()).__name__}: {task.exception()}")
+        self.wake()
 
     async def _next_batches(self, now: float, limit: int
                             ) -> tuple[list[list[Delivery]], float | None]:
