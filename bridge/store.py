@@ -15,21 +15,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import structlog
 
+try:  # the events are made with orjson when it is installed (see events.dumps)
+    from orjson import loads as _json_loads
+except ImportError:  # pragma: no cover - orjson is a dependency
+    from json import loads as _json_loads
+
 log = structlog.get_logger("bridge.store")
 T = TypeVar("T")
 
 ENABLED, DISABLED, DISABLED_DUE_TO_ERRORS = "ENABLED", "DISABLED", "DISABLED_DUE_TO_ERRORS"
 ROW_OVERHEAD = 96  # bytes a delivery row costs beyond its event JSON (ids, times, index)
+# Delivery ids are reserved this many at a time in sqlite_sequence (see _allocate_ids).
+ID_BLOCK = 1024
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS deliveries (
@@ -136,6 +144,49 @@ class _EnqueueBatch:
 
 _DELIVERY_COLUMNS = "id, webhook, event_id, device_id, event, created, due, attempts, batch_id"
 
+# Statements here take lists of ids in a few fixed lengths: sqlite3 compiles and caches a
+# statement per SQL text, so a list as long as its ids would be a new statement (a compile,
+# and an eviction from the cache) for every new length. Shorter lists are padded by
+# repeating an id, which changes nothing for IN and NOT IN.
+_LIST_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+_MARKS = {n: ",".join("?" * n) for n in _LIST_SIZES}
+
+# Python's sqlite3 releases the GIL around every step of a statement: each row fetched,
+# each parameter set of an executemany. In the daemon the event loop is busy, and every
+# release is a round trip of the GIL between the threads that costs the writer thread
+# several times the step itself (a 70-row due-query took ~0.9 ms instead of ~0.08). So the
+# hot paths read many rows in one step, as an aggregate, and write many in one statement.
+# SQLite feeds an aggregate in the order of an ORDER BY ... LIMIT subquery (such a subquery
+# is never flattened into an aggregate), which keeps the queue order.
+_DUE_IDS = ("SELECT json_group_array(id) FROM (SELECT id FROM deliveries WHERE webhook = ?"
+            " AND due <= ? ORDER BY due, id LIMIT ?)")
+_OLDEST = ("SELECT json_group_array(json_array(id, webhook, size)) FROM (SELECT id, webhook,"
+           " size FROM deliveries WHERE id > ? ORDER BY id LIMIT ?)")
+# Deliveries in one step, exactly: the events concatenated (their lengths alongside), the
+# text through JSON, and each time as its integer part and its fraction times 2**52. For
+# 1 <= x < 2**53 both are exact integers (x minus its integer part is exact there, and a
+# multiple of x's spacing, at least 2**-52), so x is rebuilt bit for bit; ``due`` is sent
+# only when it differs from ``created``. The last column counts rows outside that range
+# (or whose event is not a BLOB): then the rows are read the plain way.
+_FRACTION = 4503599627370496  # 2**52
+_FETCH = (
+    "SELECT json_group_array(json_array(id, webhook, event_id, device_id, length(event),"
+    " attempts, batch_id, CAST(created AS INTEGER),"
+    " CAST((created - CAST(created AS INTEGER)) * 4503599627370496.0 AS INTEGER),"
+    " CASE WHEN due = created THEN NULL ELSE CAST(due AS INTEGER) END,"
+    " CASE WHEN due = created THEN NULL"
+    " ELSE CAST((due - CAST(due AS INTEGER)) * 4503599627370496.0 AS INTEGER) END, size)),"
+    " CAST(group_concat(event, '') AS BLOB),"
+    " SUM(typeof(event) <> 'blob' OR NOT (created >= 1.0 AND created < 9007199254740992.0"
+    " AND due >= 1.0 AND due < 9007199254740992.0))"
+    " FROM deliveries WHERE id IN ({marks})")
+_FETCH_SQL = {marks: _FETCH.format(marks=marks) for marks in _MARKS.values()}
+_INSERT_ROWS = 64  # rows per INSERT statement (8 parameters each: under SQLite's old 999)
+_INSERT_SQL = {n: "INSERT INTO deliveries (id, webhook, event_id, device_id, event, size,"
+                  " created, due) VALUES " + ",".join(["(?,?,?,?,?,?,?,?)"] * n)
+               for n in range(1, _INSERT_ROWS + 1)}
+_MAX_SIZES = 1 << 16  # row sizes remembered at most (rows released, not deleted, stay)
+
 Operation = Callable[[sqlite3.Connection], Any]
 
 
@@ -144,8 +195,9 @@ def connect(path: str, durability: str = "power_loss") -> sqlite3.Connection:
     directory = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(directory, exist_ok=True)
+        # Room for every statement the writer uses (one INSERT per group length among them).
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
-                               timeout=30.0)
+                               timeout=30.0, cached_statements=256)
         conn.execute("PRAGMA journal_mode=WAL")
         # FULL fsyncs the WAL at every commit (survives power loss); NORMAL survives a
         # process crash and leaves the fsync to checkpoints.
@@ -193,6 +245,13 @@ class Store:
         # so a dropped delivery is never sent and a sent one is never counted as dropped.
         self.leased: set[int] = set()
         self.bytes_queued = self._measure(self._writer)
+        # Ids of the block reserved in sqlite_sequence (writer thread only).
+        self._next_id = 1
+        self._id_ceiling = 0
+        # The size of each row handed to a worker (writer thread only): deleting such rows
+        # needs no SELECT SUM(size) to keep bytes_queued exact, one statement fewer in the
+        # commit of every delivered group.
+        self._sizes: dict[int, int] = {}
 
     @staticmethod
     def _measure(conn: sqlite3.Connection) -> int:
@@ -301,6 +360,8 @@ class Store:
         """Apply a group in one transaction; if any operation fails, fall back to one
         transaction each so one bad operation cannot fail its neighbours."""
         conn = self._writer
+        if len(self._sizes) > _MAX_SIZES:
+            self._sizes.clear()  # a bound on what released rows leave behind
         try:
             conn.execute("BEGIN IMMEDIATE")
             results = [(True, op(conn)) for op, _ in batch]
@@ -311,7 +372,7 @@ class Store:
         except Exception:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            self.bytes_queued = self._measure(conn)
+            self._rolled_back(conn)
         outcomes: list[tuple[bool, Any]] = []
         for op, _ in batch:
             try:
@@ -322,12 +383,18 @@ class Store:
             except Exception as exc:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
-                self.bytes_queued = self._measure(conn)
+                self._rolled_back(conn)
                 self.failed = isinstance(exc, sqlite3.Error)
                 error = exc if not isinstance(exc, sqlite3.Error) else StoreError(
                     f"queue database {self.path}: {exc}")
                 outcomes.append((False, error))
         return outcomes
+
+    def _rolled_back(self, conn: sqlite3.Connection) -> None:
+        """Forget what a rolled-back transaction did to our in-memory view of the disk."""
+        self.bytes_queued = self._measure(conn)
+        self._id_ceiling = 0  # the reservation may be undone; _next_id stays ahead anyway
+        self._sizes.clear()  # rows may be back (a delete undone) or never were (an insert)
 
     async def close(self) -> None:
         """Commit what is pending, then close both connections."""
@@ -345,41 +412,87 @@ class Store:
     # -- operations (run in the writer thread, inside a transaction) -------------------
 
     def _insert(self, conn: sqlite3.Connection, items: list[NewDelivery], now: float
-                ) -> dict[str, int]:
-        """Queue deliveries; with ``overflow: drop_oldest`` make room first by dropping
-        the oldest queued deliveries. Returns ``{webhook: dropped}``."""
+                ) -> tuple[dict[str, int], int, list[NewDelivery]]:
+        """Queue deliveries; with ``overflow: drop_oldest`` make room first by dropping the
+        oldest queued deliveries, and when a group is larger than all that may be dropped,
+        its own oldest items too. Returns ``({webhook: dropped}, first id, the items
+        stored)``: the stored items have ids ``first``, ``first + 1``, ... in order."""
         if not items:
-            return {}
+            return {}, 0, items
         sizes = [len(d.event) + ROW_OVERHEAD for d in items]
+        total = sum(sizes)
         dropped: dict[str, int] = {}
-        excess = self.bytes_queued + sum(sizes) - self.max_size
+        excess = self.bytes_queued + total - self.max_size
         if self.max_size and excess > 0 and self.overflow == "drop_oldest":
             dropped = self._drop_oldest(conn, excess)
-        conn.executemany(
-            "INSERT INTO deliveries (webhook, event_id, device_id, event, size, created,"
-            " due) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            [(d.webhook, d.event_id, d.device_id, d.event, size, now, now)
-             for d, size in zip(items, sizes)])
-        self.bytes_queued += sum(sizes)
-        return dropped
+            skip = 0
+            while skip < len(items) and self.bytes_queued + total > self.max_size:
+                total -= sizes[skip]
+                dropped[items[skip].webhook] = dropped.get(items[skip].webhook, 0) + 1
+                skip += 1
+            if skip:
+                for webhook in {d.webhook for d in items[:skip]}:
+                    _update_webhook(conn, webhook,
+                                    "UPDATE webhooks SET dropped = dropped + ? WHERE name = ?",
+                                    (sum(d.webhook == webhook for d in items[:skip]), webhook))
+                items, sizes = items[skip:], sizes[skip:]
+                if not items:
+                    return dropped, 0, items
+        first = self._allocate_ids(conn, len(items))
+        # Multi-row INSERTs rather than executemany: one sqlite3 step per 64 rows.
+        for start in range(0, len(items), _INSERT_ROWS):
+            chunk = items[start:start + _INSERT_ROWS]
+            params: list[Any] = []
+            for offset, d in enumerate(chunk, start):
+                params += (first + offset, d.webhook, d.event_id, d.device_id, d.event,
+                           sizes[offset], now, now)
+            conn.execute(_INSERT_SQL[len(chunk)], params)
+        self.bytes_queued += total
+        return dropped, first, items
+
+    def _allocate_ids(self, conn: sqlite3.Connection, count: int) -> int:
+        """The first of ``count`` new delivery ids. AUTOINCREMENT rewrites the
+        sqlite_sequence page in every transaction that inserts (a WAL frame per group
+        commit); an INSERT with an explicit id at or below the stored sequence leaves it
+        alone. So ids are reserved ID_BLOCK at a time by raising the sequence, in the same
+        transaction as the first insert that uses them, and handed out from memory. The
+        guarantee stays: every id is above any id ever used, in this process or by another
+        one (which allocates above the sequence, and so above our block)."""
+        first = self._next_id
+        if first + count - 1 > self._id_ceiling:
+            top = conn.execute(
+                "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence"
+                " WHERE name = 'deliveries'), 0), COALESCE((SELECT MAX(id) FROM deliveries),"
+                " 0))").fetchone()[0]
+            first = max(first, int(top) + 1)
+            ceiling = first + max(count, ID_BLOCK) - 1
+            if not conn.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'deliveries'",
+                                (ceiling,)).rowcount:
+                conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('deliveries', ?)",
+                             (ceiling,))
+            self._id_ceiling = ceiling
+        self._next_id = first + count
+        return first
 
     def op_enqueue_batch(self, batch: _EnqueueBatch) -> Operation:
         """The coalesced enqueue: registry changes, quota, one INSERT for everything, and
         leases for rows whose worker takes them directly (reported via ``on_enqueued``)."""
         def enqueue(conn: sqlite3.Connection) -> None:
-            batch.handed = []  # this may run twice (a failed group is retried op by op)
+            # This may run twice (a failed group is retried op by op): the first run's
+            # rows were rolled back, so are their leases.
+            self.leased.difference_update(r.id for r in batch.handed)
+            batch.handed = []
             for also in batch.also:
                 also(conn)
-            batch.dropped = self._insert(conn, batch.items, batch.now)
-            if not batch.items:
+            batch.dropped, first, stored = self._insert(conn, batch.items, batch.now)
+            if not stored or not self.handoff:
                 return
-            last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
-            first = last - len(batch.items) + 1
             now = batch.now
-            for offset, item in enumerate(batch.items):
+            for offset, item in enumerate(stored):
                 if item.webhook in self.handoff:
                     row_id = first + offset
                     self.leased.add(row_id)
+                    self._sizes[row_id] = len(item.event) + ROW_OVERHEAD  # as _insert stored
                     batch.handed.append(Delivery(row_id, item.webhook, item.event_id,
                                                  item.device_id, item.event, now, now, 0,
                                                  None))
@@ -392,8 +505,8 @@ class Store:
         def delivered(conn: sqlite3.Connection) -> None:
             for webhook, (ids, attempts, now) in batch.items():
                 self._delete(conn, ids)
-                _ensure_webhook(conn, webhook)
-                conn.execute(
+                _update_webhook(
+                    conn, webhook,
                     "UPDATE webhooks SET delivered = delivered + ?, attempts = attempts + ?,"
                     " consecutive_failures = 0, last_triggered = ?, last_error = NULL"
                     " WHERE name = ?", (len(ids), attempts, now, webhook))
@@ -404,21 +517,26 @@ class Store:
         victims: list[int] = []
         dropped: dict[str, int] = {}
         freed = 0
-        cursor = conn.execute("SELECT id, webhook, size FROM deliveries ORDER BY id")
-        for delivery_id, webhook, size in cursor:
-            if delivery_id in self.leased:
-                continue
-            victims.append(delivery_id)
-            dropped[webhook] = dropped.get(webhook, 0) + 1
-            freed += size
-            if freed >= excess:
+        after, page = 0, 256  # the head of the queue is often leased: read it in pages
+        while freed < excess:
+            rows = _json_loads(conn.execute(_OLDEST, (after, page)).fetchone()[0])
+            for delivery_id, webhook, size in rows:
+                after = delivery_id
+                if delivery_id in self.leased:
+                    continue
+                victims.append(delivery_id)
+                self._sizes[delivery_id] = size  # read here: no SUM needed to delete it
+                dropped[webhook] = dropped.get(webhook, 0) + 1
+                freed += size
+                if freed >= excess:
+                    break
+            if len(rows) < page:
                 break
-        cursor.close()
         self._delete(conn, victims)
         for webhook, count in dropped.items():
-            _ensure_webhook(conn, webhook)
-            conn.execute("UPDATE webhooks SET dropped = dropped + ? WHERE name = ?",
-                         (count, webhook))
+            _update_webhook(conn, webhook,
+                            "UPDATE webhooks SET dropped = dropped + ? WHERE name = ?",
+                            (count, webhook))
         return dropped
 
     def op_retry(self, webhook: str, ids: list[int], status: int | None, error: str,
@@ -462,7 +580,11 @@ class Store:
         up: from this very commit on, new rows are handed to it (set here, in the writer
         thread, so no row can fall between the query and the handoff)."""
         def lease(conn: sqlite3.Connection) -> list[Delivery]:
-            found = query(conn)
+            if skip_leased and isinstance(query, DueQuery):
+                # Leased rows are not even read; the sizes of the rest are noted.
+                found: list[Delivery] = query(conn, skip=self.leased, sizes=self._sizes)
+            else:
+                found = query(conn)
             rows = [r for r in found if not (skip_leased and r.id in self.leased)]
             self.leased.update(r.id for r in rows)
             # Caught up only when the query saw the end of the queue (rows it skipped as
@@ -477,8 +599,10 @@ class Store:
         """Pin deliveries to batches (ids, batch_id) so every retry sends the same batch
         with the same id."""
         def assign(conn: sqlite3.Connection) -> None:
-            conn.executemany("UPDATE deliveries SET batch_id = ? WHERE id = ?",
-                             [(batch_id, i) for ids, batch_id in batches for i in ids])
+            for ids, batch_id in batches:
+                for marks, chunk in _id_lists(ids):
+                    conn.execute(f"UPDATE deliveries SET batch_id = ? WHERE id IN ({marks})",
+                                 [batch_id, *chunk])
 
         return assign
 
@@ -531,35 +655,39 @@ class Store:
                            (webhook,)).fetchone()
         return int(row[0])
 
-    def _delete(self, conn: sqlite3.Connection, ids: list[int]) -> None:
-        for chunk in _chunks(ids, 500):
-            marks = ",".join("?" * len(chunk))
-            row = conn.execute(f"SELECT COALESCE(SUM(size), 0) FROM deliveries"
-                               f" WHERE id IN ({marks})", chunk).fetchone()
-            conn.execute(f"DELETE FROM deliveries WHERE id IN ({marks})", chunk)
-            self.bytes_queued -= int(row[0])
-            if row[0]:
+    def _delete(self, conn: sqlite3.Connection, ids: Collection[int]) -> None:
+        unique = list(dict.fromkeys(ids))  # a repeated id frees its bytes once
+        sizes = self._sizes
+        remeasure = False
+        for start in range(0, len(unique), _LIST_SIZES[-1]):
+            part = unique[start:start + _LIST_SIZES[-1]]
+            marks, params = _id_list(part)
+            known = [sizes.pop(i, -1) for i in part]
+            if -1 in known:
+                freed = int(conn.execute(f"SELECT COALESCE(SUM(size), 0) FROM deliveries"
+                                         f" WHERE id IN ({marks})", params).fetchone()[0])
+                conn.execute(f"DELETE FROM deliveries WHERE id IN ({marks})", params)
+            else:
+                freed = sum(known)
+                deleted = conn.execute(f"DELETE FROM deliveries WHERE id IN ({marks})",
+                                       params).rowcount
+                # Fewer rows than ids: some were deleted elsewhere (another process), so
+                # which sizes to count is unknown; count them all again.
+                remeasure = remeasure or deleted != len(part)
+            self.bytes_queued -= freed
+            if freed:
                 self._freed = True
+        if remeasure:
+            self.bytes_queued = self._measure(conn)
 
     # -- queries (run in the reader thread) ---------------------------------------------
 
     @staticmethod
     def q_due(webhook: str, now: float | None, limit: int, exclude: Collection[int]
-              ) -> Callable[[sqlite3.Connection], list[Delivery]]:
+              ) -> DueQuery:
         """The oldest due deliveries not in ``exclude``, in queue order. ``now`` None is
         the moment the query runs (a row committed just before it is due)."""
-        def due(conn: sqlite3.Connection) -> list[Delivery]:
-            at = time.time() if now is None else now
-            window = limit + len(exclude)
-            rows = conn.execute(
-                f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE webhook = ? AND due <= ?"
-                " ORDER BY due, id LIMIT ?", (webhook, at, window)).fetchall()
-            result = DueRows(Delivery(*r) for r in rows if r[0] not in exclude)
-            result.exhausted = len(rows) < window and len(result) <= limit
-            del result[limit:]
-            return result
-
-        return due
+        return DueQuery(webhook, now, limit, exclude)
 
     @staticmethod
     def q_batch(webhook: str, batch_id: str) -> Callable[[sqlite3.Connection], list[Delivery]]:
@@ -575,10 +703,13 @@ class Store:
     def q_next_due(webhook: str, exclude: Collection[int] = ()
                    ) -> Callable[[sqlite3.Connection], float | None]:
         def next_due(conn: sqlite3.Connection) -> float | None:
-            ids = list(exclude)
-            marks = ",".join("?" * len(ids))
-            row = conn.execute(f"SELECT MIN(due) FROM deliveries WHERE webhook = ?"
-                               f" AND id NOT IN ({marks})", (webhook, *ids)).fetchone()
+            lists = _id_lists(list(exclude))
+            params: list[Any] = [webhook]
+            for _, chunk in lists:
+                params += chunk
+            where = "".join(f" AND id NOT IN ({marks})" for marks, _ in lists)
+            row = conn.execute(f"SELECT MIN(due) FROM deliveries WHERE webhook = ?{where}",
+                               params).fetchone()
             return row[0]
 
         return next_due
@@ -589,14 +720,95 @@ class Store:
         return row[0] if row else None
 
 
+class DueQuery:
+    """:meth:`Store.q_due`: a callable query, which :meth:`Store.op_lease` also asks to
+    leave out leased rows before their events are read."""
+
+    __slots__ = ("exclude", "limit", "now", "webhook")
+
+    def __init__(self, webhook: str, now: float | None, limit: int,
+                 exclude: Collection[int]) -> None:
+        self.webhook = webhook
+        self.now = now
+        self.limit = limit
+        self.exclude = exclude
+
+    def __call__(self, conn: sqlite3.Connection, skip: Collection[int] = (),
+                 sizes: dict[int, int] | None = None) -> DueRows:
+        """The rows, minus those in ``skip`` (which still count towards ``limit`` and do
+        not make the answer exhausted); their stored sizes go to ``sizes``."""
+        at = time.time() if self.now is None else self.now
+        exclude, limit = self.exclude, self.limit
+        window = limit + len(exclude)
+        # Ids first, from the covering index: excluded rows (in flight, ready) are often
+        # most of the window, and their events would be read only to be thrown away.
+        ids = _json_loads(conn.execute(_DUE_IDS, (self.webhook, at, window)).fetchone()[0])
+        chosen = [i for i in ids if i not in exclude]
+        exhausted = len(ids) < window and len(chosen) <= limit
+        rows = _deliveries(conn, [i for i in chosen[:limit] if i not in skip], sizes)
+        if any((a.due, a.id) > (b.due, b.id) for a, b in itertools.pairwise(rows)):
+            rows.sort(key=lambda r: (r.due, r.id))  # aggregate order is not a promise
+        result = DueRows(rows)
+        result.exhausted = exhausted
+        return result
+
+
+def _deliveries(conn: sqlite3.Connection, ids: list[int],
+                sizes: dict[int, int] | None = None) -> list[Delivery]:
+    """The deliveries ``ids`` in that order (those still queued); their stored sizes go to
+    ``sizes``."""
+    found: dict[int, Delivery] = {}
+    noted: dict[int, int] = {}
+    for marks, chunk in _id_lists(ids):
+        listed, events, odd = conn.execute(_FETCH_SQL[marks], chunk).fetchone()
+        if odd:
+            for row in conn.execute(f"SELECT {_DELIVERY_COLUMNS}, size FROM deliveries"
+                                    f" WHERE id IN ({marks})", chunk):
+                found[row[0]] = Delivery(*row[:-1])
+                noted[row[0]] = row[-1]
+            continue
+        end = 0
+        for (row_id, webhook, event_id, device_id, length, attempts, batch_id, whole,
+             fraction, due_whole, due_fraction, size) in _json_loads(listed):
+            start, end = end, end + length
+            created = whole + fraction / _FRACTION
+            due = created if due_whole is None else due_whole + due_fraction / _FRACTION
+            found[row_id] = Delivery(row_id, webhook, event_id, device_id, events[start:end],
+                                     created, due, attempts, batch_id)
+            noted[row_id] = size
+    if sizes is not None:
+        sizes.update(noted)
+    return [found[i] for i in ids if i in found]
+
+
+def _id_list(ids: Sequence[int]) -> tuple[str, list[int]]:
+    """Placeholders and parameters for 1 to 512 ``ids``, padded to one of the _LIST_SIZES
+    by repeating the last id."""
+    size = next(n for n in _LIST_SIZES if n >= len(ids))
+    params = list(ids)
+    params += [params[-1]] * (size - len(params))
+    return _MARKS[size], params
+
+
+def _id_lists(ids: Sequence[int]) -> list[tuple[str, list[int]]]:
+    """``ids`` as :func:`_id_list` chunks of at most 512."""
+    return [_id_list(ids[start:start + _LIST_SIZES[-1]])
+            for start in range(0, len(ids), _LIST_SIZES[-1])]
+
+
 def _ensure_webhook(conn: sqlite3.Connection, name: str) -> None:
     conn.execute("INSERT OR IGNORE INTO webhooks (name, created, modified) VALUES (?, ?, ?)",
                  (name, time.time(), time.time()))
 
 
-def _chunks(items: list[int], size: int) -> Iterable[list[int]]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
+def _update_webhook(conn: sqlite3.Connection, name: str, sql: str, params: Sequence[Any]
+                    ) -> None:
+    """Run ``sql``, an UPDATE of the webhook's row; create the row first if it is missing.
+    Trying the UPDATE first saves a statement on every hot-path commit, and unlike a cache
+    of the rows that exist it cannot be fooled by a row deleted meanwhile."""
+    if not conn.execute(sql, params).rowcount:
+        _ensure_webhook(conn, name)
+        conn.execute(sql, params)
 
 
 def webhook_rows(conn: sqlite3.Connection) -> dict[str, dict[str, Any]]:
