@@ -76,6 +76,9 @@ class WebhookWorker:
         self.in_flight: set[int] = set()
         self._busy_devices: dict[str | None, int] = {}
         self._ready: deque[Delivery] = deque()
+        # Batches whose ids are committed, waiting for a request slot: formed a round
+        # ahead, so a slot that frees up never waits for the commit of a batch id.
+        self._formed: deque[list[Delivery]] = deque()
         self._epoch = 0  # bumped whenever the ready queue is thrown away
         self._caught_up = False  # the queue holds nothing due beyond ready and in flight
         self._refilling = False
@@ -144,10 +147,20 @@ class WebhookWorker:
                 return wait
             epoch = self._epoch
             if self.webhook.batch is not None:
-                # Several batches per commit: forming one costs a commit, sending one
-                # does not, so one at a time would leave the request slots idle.
-                limit = 1 if self._bucket is not None else self.capacity
-                batches, wait = await self._next_batches(now, limit)
+                # Several batches per commit, and a round ahead: forming one costs a
+                # commit, sending one does not, so request slots would idle meanwhile.
+                single = self._bucket is not None or self._probing
+                wait = None
+                if not self._formed:
+                    formed, wait = await self._next_batches(
+                        now, 1 if single else 2 * self.webhook.concurrency)
+                    if epoch != self._epoch:  # a failure meanwhile: the probe rules now
+                        self.store.leased.difference_update(
+                            r.id for rows in formed for r in rows)
+                        return 0.0
+                    self._formed.extend(formed)
+                take = min(1 if single else self.capacity, len(self._formed))
+                batches = [self._formed.popleft() for _ in range(take)]
             else:
                 row, wait = await self._next_row()
                 batches = [[row]] if row is not None else []
@@ -170,7 +183,8 @@ class WebhookWorker:
                 and self.clock() >= self._paused_until and self.capacity > 0)
 
     async def _refill(self, want: int) -> None:
-        exclude = self.in_flight | {r.id for r in self._ready}
+        exclude = (self.in_flight | {r.id for r in self._ready}
+                   | {r.id for rows in self._formed for r in rows})
         epoch = self._epoch
         self._accept_handoff(False)
         self._refilling = True
@@ -215,6 +229,7 @@ class WebhookWorker:
     def held_ids(self) -> set[int]:
         """Every delivery this worker holds a lease for."""
         return (self.in_flight | {r.id for r in self._ready}
+                | {r.id for rows in self._formed for r in rows}
                 | {r.id for r in self._offered})
 
     def resync(self) -> None:
@@ -228,6 +243,8 @@ class WebhookWorker:
         self.store.leased.difference_update(
             r.id for r in self._ready if r.id not in self.in_flight)
         self._ready.clear()
+        self.store.leased.difference_update(r.id for rows in self._formed for r in rows)
+        self._formed.clear()
 
     def _take(self, limit: int) -> list[Delivery]:
         """Up to ``limit`` eligible rows from the ready queue, oldest first. With
@@ -288,7 +305,7 @@ class WebhookWorker:
         batch = self.webhook.batch
         assert batch is not None
         size = batch.max_events
-        if len(self._ready) < size * limit:
+        if len(self._ready) < size * min(limit, self.webhook.concurrency):
             await self._refill(size * (limit + 1))
         if not self._ready:
             return [], await self._until_next_due()
