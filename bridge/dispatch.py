@@ -365,21 +365,28 @@ class WebhookWorker:
                       cause=f"{type(exc).__name__}: {exc}")
         finally:
             if isinstance(result, asyncio.Future):
-                # Delivered: the request slot is free now; the rows stay out of every
-                # query until their deletion is committed.
-                result.add_done_callback(lambda _: self._release(rows, False))
+                # Delivered: the request slot and the device (for `ordered`) are free
+                # now; the rows stay out of every query until their deletion commits.
+                self._free_devices(rows)
+                result.add_done_callback(lambda _: self._release(rows, False, False))
             else:
                 self._release(rows, result)
 
-    def _release(self, rows: list[Delivery], still_queued: bool) -> None:
+    def _free_devices(self, rows: list[Delivery]) -> None:
         for row in rows:
-            self.in_flight.discard(row.id)
-            self.store.leased.discard(row.id)
             left = self._busy_devices.get(row.device_id, 1) - 1
             if left:
                 self._busy_devices[row.device_id] = left
             else:
                 self._busy_devices.pop(row.device_id, None)
+
+    def _release(self, rows: list[Delivery], still_queued: bool, devices: bool = True
+                 ) -> None:
+        for row in rows:
+            self.in_flight.discard(row.id)
+            self.store.leased.discard(row.id)
+        if devices:
+            self._free_devices(rows)
         if still_queued:
             # Rows fetched while these were in flight may be younger deliveries of the
             # same devices: they must not overtake the retry.
