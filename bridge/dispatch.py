@@ -409,9 +409,13 @@ class WebhookWorker:
                 return False
         batch_id = rows[0].batch_id if webhook.batch is not None else None
         try:
-            if batch_id is None and self._stored_body:
+            request = None
+            if self._stored_body and batch_id is None:
                 request = self.renderer.render_stored(rows[0].event, rows[0].device_id)
-            else:
+            elif self._stored_body and batch_id is not None:
+                request = self.renderer.render_stored_batch(
+                    [(r.event, r.event_id) for r in rows], rows[0].device_id, batch_id)
+            if request is None:
                 events = [Event.from_envelope(json.loads(r.event)) for r in rows]
                 request = self.renderer.render(events, batch_id)
         except (RenderError, ValueError, KeyError) as exc:

@@ -175,6 +175,24 @@ class Renderer:
         except TemplateError as exc:
             raise RenderError(str(exc)) from None
 
+    def render_stored_batch(self, stored: list[tuple[bytes, str]], device_id: str | None,
+                            batch_id: str) -> Request | None:
+        """The batch request for stored events ``(event JSON, event id)`` when
+        :attr:`passes_stored_event` holds, made from the stored bytes without parsing
+        them: each item is the stored envelope with ``"id": "<index>", "event_id"`` in
+        place of its ``"id"``, exactly what :meth:`render` builds. None when a stored
+        event does not begin with its id (then :meth:`render` must do it)."""
+        items = []
+        for index, (event_json, event_id) in enumerate(stored):
+            head = b'{"id":' + dumps(event_id) + b","
+            if not event_json.startswith(head):
+                return None
+            items.append(b'{"id":"%d","event_id":%s,%s' % (
+                index, dumps(event_id), event_json[len(head):]))
+        body = b'{"batch_id":' + dumps(batch_id) + b',"result":[' + b",".join(items) + b"]}"
+        request = self.render_stored(body, device_id)
+        return request
+
     def render(self, events: list[Event], batch_id: str | None = None) -> Request:
         """The request for one event, or for a batch (``batch_id`` set)."""
         try:
