@@ -17,6 +17,7 @@ import math
 import os
 import re
 import socket
+import ssl
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from dataclasses import fields as dataclass_fields
@@ -95,6 +96,17 @@ class TLSConfig:
     cert_file: str | None = None
     key_file: str | None = None
     verify: bool = True
+
+    def client_context(self) -> ssl.SSLContext:
+        """A client context: ``ca_file`` is the CA to trust (instead of the system's),
+        ``cert_file``/``key_file`` a client certificate (mTLS), ``verify: false`` off."""
+        context = ssl.create_default_context(cafile=self.ca_file)
+        if self.cert_file:
+            context.load_cert_chain(self.cert_file, self.key_file)
+        if not self.verify:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        return context
 
 
 @dataclass(frozen=True)

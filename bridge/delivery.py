@@ -125,15 +125,8 @@ _describe = http1.describe
 
 
 def ssl_context(tls: TLSConfig | None) -> ssl.SSLContext:
-    """Verified TLS by default; ``ca_file`` adds a CA, ``cert_file``/``key_file`` is mTLS."""
-    context = ssl.create_default_context(cafile=tls.ca_file if tls else None)
-    if tls is not None:
-        if tls.cert_file:
-            context.load_cert_chain(tls.cert_file, tls.key_file)
-        if not tls.verify:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-    return context
+    """Verified TLS by default; see :meth:`TLSConfig.client_context`."""
+    return tls.client_context() if tls is not None else ssl.create_default_context()
 
 
 class OAuth2Token:

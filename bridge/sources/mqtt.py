@@ -112,15 +112,7 @@ class MqttSource:
 
     def _ssl_context(self) -> ssl.SSLContext | None:
         tls = self.config.tls
-        if tls is None:
-            return None
-        context = ssl.create_default_context(cafile=tls.ca_file)
-        if tls.cert_file:
-            context.load_cert_chain(tls.cert_file, tls.key_file)
-        if not tls.verify:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        return context
+        return tls.client_context() if tls is not None else None
 
     async def _connect(self) -> tuple[Connection, _Session]:
         cfg = self.config
