@@ -111,6 +111,8 @@ class WebhookWorker:
     async def stop(self, grace: float) -> None:
         """Take no new work; let attempts in flight finish (their outcome is committed)."""
         self._stopping = True
+        if self._prefetch is not None:
+            self._prefetch.cancel()
         self._clear_ready()
         self.wake()
         if self._tasks:
