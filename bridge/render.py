@@ -190,8 +190,7 @@ class Renderer:
             items.append(b'{"id":"%d","event_id":%s,%s' % (
                 index, dumps(event_id), event_json[len(head):]))
         body = b'{"batch_id":' + dumps(batch_id) + b',"result":[' + b",".join(items) + b"]}"
-        request = self.render_stored(body, device_id)
-        return request
+        return self.render_stored(body, device_id)
 
     def render(self, events: list[Event], batch_id: str | None = None) -> Request:
         """The request for one event, or for a batch (``batch_id`` set)."""
