@@ -184,11 +184,12 @@ class Renderer:
         event does not begin with its id (then :meth:`render` must do it)."""
         items = []
         for index, (event_json, event_id) in enumerate(stored):
-            head = b'{"id":' + dumps(event_id) + b","
+            quoted = dumps(event_id)
+            head = b'{"id":' + quoted + b","
             if not event_json.startswith(head):
                 return None
             items.append(b'{"id":"%d","event_id":%s,%s' % (
-                index, dumps(event_id), event_json[len(head):]))
+                index, quoted, event_json[len(head):]))
         body = b'{"batch_id":' + dumps(batch_id) + b',"result":[' + b",".join(items) + b"]}"
         return self.render_stored(body, device_id)
 

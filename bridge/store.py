@@ -441,16 +441,16 @@ class Store:
         excess = self.bytes_queued + total - self.max_size
         if self.max_size and excess > 0 and self.overflow == "drop_oldest":
             dropped = self._drop_oldest(conn, excess)
+            skipped: dict[str, int] = {}
             skip = 0
             while skip < len(items) and self.bytes_queued + total > self.max_size:
                 total -= sizes[skip]
-                dropped[items[skip].webhook] = dropped.get(items[skip].webhook, 0) + 1
+                skipped[items[skip].webhook] = skipped.get(items[skip].webhook, 0) + 1
                 skip += 1
             if skip:
-                for webhook in {d.webhook for d in items[:skip]}:
-                    _update_webhook(conn, webhook,
-                                    "UPDATE webhooks SET dropped = dropped + ? WHERE name = ?",
-                                    (sum(d.webhook == webhook for d in items[:skip]), webhook))
+                _count_dropped(conn, skipped)
+                for webhook, count in skipped.items():
+                    dropped[webhook] = dropped.get(webhook, 0) + count
                 items, sizes = items[skip:], sizes[skip:]
                 if not items:
                     return dropped, 0, items
@@ -549,10 +549,7 @@ class Store:
             if len(rows) < page:
                 break
         self._delete(conn, victims)
-        for webhook, count in dropped.items():
-            _update_webhook(conn, webhook,
-                            "UPDATE webhooks SET dropped = dropped + ? WHERE name = ?",
-                            (count, webhook))
+        _count_dropped(conn, dropped)
         return dropped
 
     def op_retry(self, webhook: str, ids: list[int], status: int | None, error: str,
@@ -825,6 +822,12 @@ def _update_webhook(conn: sqlite3.Connection, name: str, sql: str, params: Seque
     if not conn.execute(sql, params).rowcount:
         _ensure_webhook(conn, name)
         conn.execute(sql, params)
+
+
+def _count_dropped(conn: sqlite3.Connection, dropped: dict[str, int]) -> None:
+    for webhook, count in dropped.items():
+        _update_webhook(conn, webhook, "UPDATE webhooks SET dropped = dropped + ? WHERE name = ?",
+                        (count, webhook))
 
 
 def webhook_rows(conn: sqlite3.Connection) -> dict[str, dict[str, Any]]:

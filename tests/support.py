@@ -334,9 +334,11 @@ def queued(tmp: Path) -> int:
 
 
 def paced_publish(publisher: Publisher, numbers: range, rate: float,
-                  topic: str = "devices/d1/telemetry") -> None:
-    """Publish ``{"seq": n}`` at ``rate`` a second (from a thread), then wait for the
-    broker's acknowledgements."""
+                  topic: str = "devices/d1/telemetry", wait: bool = True
+                  ) -> list[paho.MQTTMessageInfo]:
+    """Publish ``{"seq": n}`` at ``rate`` a second (from a thread: the sleep is the load's
+    pace, not a synchronisation), then, with ``wait``, wait for the broker's
+    acknowledgements."""
     start = time.monotonic()
     infos = []
     for n, seq in enumerate(numbers):
@@ -344,5 +346,7 @@ def paced_publish(publisher: Publisher, numbers: range, rate: float,
         ahead = start + n / rate - time.monotonic()
         if ahead > 0:
             time.sleep(ahead)
-    for info in infos:
-        info.wait_for_publish(30)
+    if wait:
+        for info in infos:
+            info.wait_for_publish(30)
+    return infos

@@ -24,6 +24,7 @@ from .support import (
     base_config,
     free_port,
     https_webhook,
+    paced_publish,
     queued,
     retained,
     seqs,
@@ -295,21 +296,14 @@ async def test_broker_restart_mid_stream_loses_nothing(
     publisher = Publisher(broker.port)
     try:
         await started(daemon)
-        infos: list[Any] = []
-
-        def publish_paced() -> None:
-            start = time.monotonic()
-            for n in range(2000):
-                infos.append(publisher.publish("devices/d1/telemetry", {"seq": n}))
-                ahead = start + n / 1000 - time.monotonic()
-                if ahead > 0:
-                    time.sleep(ahead)
-
-        publishing = asyncio.create_task(asyncio.to_thread(publish_paced))
+        # The broker restarts mid-stream: the publisher's acknowledgements are awaited
+        # after it is back.
+        publishing = asyncio.create_task(asyncio.to_thread(
+            paced_publish, publisher, range(2000), 1000.0, wait=False))
         await wait_for(lambda: len(endpoint.requests) > 300, 30, "the stream to flow")
         broker.stop()  # graceful: Mosquitto saves its sessions and queues
         broker.start()
-        await publishing
+        infos = await publishing
         # paho resends what the broker had not acknowledged once it reconnects.
         await wait_for(lambda: all(broker_acked(i) for i in infos), 60,
                        "the publisher's messages to be acknowledged")
