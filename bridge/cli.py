@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
+import structlog
+
 from . import __version__, logs
 from .config import (
     EX_CONFIG,
@@ -354,9 +356,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         _print_problems(error)
         return EX_CONFIG
     except (Fatal, StoreError, StartError) as error:
-        print(f"webhook-bridge: {logs.redact(str(error))}", file=sys.stderr)
+        logs.fatal(str(error))
         return EX_FAIL
     except KeyboardInterrupt:
+        return EX_FAIL
+    except Exception:
+        if not logs.json_active():
+            raise
+        # A bug: still one JSON line (with the traceback in a field), not a raw dump.
+        structlog.get_logger("bridge").critical("crashed", exc_info=True)
         return EX_FAIL
 
 
