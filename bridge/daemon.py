@@ -22,10 +22,11 @@ from typing import Any
 
 import structlog
 
-from . import logs
+from . import logs, testsend
 from .config import Config, ConfigError, WebhookConfig, load_config
 from .delivery import USER_AGENT, Outcome, Sender
 from .dispatch import WebhookWorker, status_notice
+from .errors import StartError
 from .events import Event, dumps
 from .metrics import Metrics
 from .registry import DeviceChange, Registry, apply_change
@@ -119,6 +120,7 @@ class Bridge:
         self._reload_lock = asyncio.Lock()
         self.stopped = asyncio.Event()
         self.accepted = 0
+        self.failed_change: dict[str, Any] | None = None
 
     def _filters(self) -> list[tuple[str, int]]:
         best: dict[str, int] = {}
@@ -446,17 +448,12 @@ class Bridge:
     # -- the rest -----------------------------------------------------------------------
 
     async def test_send(self, name: str, event: Event) -> Outcome:
-        """Send ``event`` through webhook ``name`` now, outside the queue."""
+        """Send ``event`` through webhook ``name`` now, outside the queue (the request
+        ``webhook-bridge test`` sends)."""
         webhook = self.config.webhook(name)
         if webhook is None:
             raise KeyError(name)
-        sender = Sender(webhook, self.secrets)
-        sender.start_nowait()
-        try:
-            request = Renderer(webhook, USER_AGENT).render([event])
-            return await sender.send(request, event.id)
-        finally:
-            await sender.close()
+        return await testsend.send(testsend.prepare(webhook, event, self.secrets))
 
     def alive(self) -> bool:
         """The stages are running (the systemd watchdog pings only while this holds).
@@ -469,6 +466,10 @@ class Bridge:
         queued = self.store.bytes_queued
         return (f"mqtt {mqtt}; {len(self.workers)} webhooks; queue {queued} B; "
                 f"{self.accepted} messages accepted")
+
+    @property
+    def mqtt_connected(self) -> bool:
+        return self.source.connected.is_set()
 
     @property
     def ready(self) -> bool:
@@ -550,10 +551,6 @@ def _chain(source: asyncio.Future[Any], target: asyncio.Future[Any]) -> None:
 def _log_allocations() -> None:
     top = tracemalloc.take_snapshot().statistics("lineno")[:15]
     log.warning("memory", top=[str(stat) for stat in top])
-
-
-class StartError(Exception):
-    """The bridge cannot start (reported as one line, exit 1)."""
 
 
 async def run(config: Config) -> int:
