@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
+import structlog
+
 from . import __version__, logs, store_check
 from .config import (
     EX_CONFIG,
@@ -26,7 +28,7 @@ from .config import (
     load_config,
     parse_duration,
 )
-from .daemon import StartError
+from .errors import StartError
 from .events import iso_now
 from .registry import deleted_event, encode, get_device, list_devices
 from .rules import RuleSet
@@ -298,6 +300,17 @@ def _delete_device(config: Config, conn: sqlite3.Connection, device: dict[str, A
 
 # -- parser -----------------------------------------------------------------------------
 
+def _tool(name: str) -> Callable[[argparse.Namespace], int]:
+    """A command of :mod:`bridge.tools`, imported only when it runs: the store commands
+    (``status``, ``dead``...) never load the HTTP client, aiohttp or the receiver."""
+    def command(args: argparse.Namespace) -> int:
+        from . import tools
+
+        return int(getattr(tools, name)(args))
+
+    return command
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="webhook-bridge",
@@ -337,22 +350,20 @@ def build_parser() -> argparse.ArgumentParser:
     devices.add_argument("id", nargs="?", metavar="ID")
     devices.add_argument("--json", action="store_true")
 
-    from . import tools
-
-    test = add("test", tools.cmd_test, "send one sample event through a webhook and print "
+    test = add("test", _tool("cmd_test"), "send one sample event through a webhook and print "
                "the request and the response")
     test.add_argument("name", metavar="NAME")
     test.add_argument("--event", metavar="FILE", help="a JSON event (or payload) to send")
     test.add_argument("--dry-run", action="store_true", help="print the request, send nothing")
-    secret = add("secret", tools.cmd_secret, "show or rotate a webhook's signing secret")
+    secret = add("secret", _tool("cmd_secret"), "show or rotate a webhook's signing secret")
     secret.add_argument("action", choices=["show", "rotate"])
     secret.add_argument("name", metavar="NAME")
-    listen = add("listen", tools.cmd_listen, "a local receiver that prints deliveries and "
+    listen = add("listen", _tool("cmd_listen"), "a local receiver that prints deliveries and "
                  "verifies their signatures")
     listen.add_argument("--port", type=int, default=8080)
     listen.add_argument("--host", default="127.0.0.1")
     listen.add_argument("--secret", metavar="S", help="verify signatures with this secret")
-    add("demo", tools.cmd_demo, "embedded broker + bridge + receiver + simulated device, live")
+    add("demo", _tool("cmd_demo"), "embedded broker + bridge + receiver + simulated device, live")
     return parser
 
 
@@ -365,9 +376,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         _print_problems(error)
         return EX_CONFIG
     except (Fatal, StoreError, StartError) as error:
-        print(f"webhook-bridge: {logs.redact(str(error))}", file=sys.stderr)
+        logs.fatal(str(error))
         return EX_FAIL
     except KeyboardInterrupt:
+        return EX_FAIL
+    except Exception:
+        if not logs.json_active():
+            raise
+        # A bug: still one JSON line (with the traceback in a field), not a raw dump.
+        structlog.get_logger("bridge").critical("crashed", exc_info=True)
         return EX_FAIL
 
 
