@@ -23,7 +23,7 @@ import sqlite3
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 import yaml
@@ -32,12 +32,10 @@ from prometheus_client.exposition import choose_encoder
 
 from . import logs
 from .config import Config, ConfigError, WebhookConfig, dump_webhook, webhook_from_mapping
+from .control import BridgeControl
 from .events import Event, new_id
 from .proxy import redact_proxy_url
 from .store import DISABLED, DISABLED_DUE_TO_ERRORS, ENABLED, webhook_rows
-
-if TYPE_CHECKING:
-    from .daemon import Bridge
 
 log = structlog.get_logger("bridge.admin")
 
@@ -76,10 +74,10 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 
 
 class AdminServer:
-    """The admin server of one :class:`~bridge.daemon.Bridge` (``listen`` overrides
-    ``admin.listen``; ``None`` there disables the server)."""
+    """The admin server of one running bridge, seen through :class:`BridgeControl`
+    (``listen`` overrides ``admin.listen``; ``None`` there disables the server)."""
 
-    def __init__(self, bridge: Bridge, listen: str | None = None) -> None:
+    def __init__(self, bridge: BridgeControl, listen: str | None = None) -> None:
         self.bridge = bridge
         self.listen = listen if listen is not None else bridge.config.admin.listen
         self.port: int | None = None
@@ -165,7 +163,7 @@ class AdminServer:
 
     async def readyz(self, request: web.Request) -> web.Response:
         bridge = self.bridge
-        body = {"ready": bridge.ready, "mqtt": bridge.source.connected.is_set(),
+        body = {"ready": bridge.ready, "mqtt": bridge.mqtt_connected,
                 "store": not bridge.store.failed}
         return web.json_response(body, status=200 if body["ready"] else 503)
 
@@ -193,7 +191,7 @@ class AdminServer:
                 _remove(metrics.webhook_state, gone, state)
         self._gauged = names
         metrics.queue_bytes.set(self.bridge.store.bytes_queued)
-        metrics.mqtt_connected.set(1 if self.bridge.source.connected.is_set() else 0)
+        metrics.mqtt_connected.set(1 if self.bridge.mqtt_connected else 0)
 
     # -- reading webhooks ---------------------------------------------------------------
 

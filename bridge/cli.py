@@ -17,7 +17,9 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
-from . import __version__, logs
+import structlog
+
+from . import __version__, logs, store_check
 from .config import (
     EX_CONFIG,
     Config,
@@ -26,7 +28,7 @@ from .config import (
     load_config,
     parse_duration,
 )
-from .daemon import StartError
+from .errors import StartError
 from .events import iso_now
 from .registry import deleted_event, encode, get_device, list_devices
 from .rules import RuleSet
@@ -46,6 +48,7 @@ from .store import (
 )
 
 EX_OK, EX_FAIL = 0, 1
+CLI_CHECK_SECONDS = 1.0  # quick_check bound for commands (the daemon's is longer)
 
 
 class Fatal(Exception):
@@ -83,7 +86,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _open_store(config: Config) -> sqlite3.Connection:
-    return connect(config.store.path, config.store.durability)
+    # A command never moves a damaged store aside (only `run` does, with
+    # store.on_damage: move_aside): it reports the damage and exits 1.
+    store_check.check(config.store.path, bound=CLI_CHECK_SECONDS)
+    conn = connect(config.store.path, config.store.durability)
+    store_check.mark(config.store.path)
+    return conn
 
 
 def _webhook_names(config: Config, conn: sqlite3.Connection) -> list[str]:
@@ -128,11 +136,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     conn = _open_store(config)
     try:
         rows = status_rows(config, conn)
+        damage = store_check.recorded(conn)
     finally:
         conn.close()
     if args.json:
-        print(json.dumps({"webhooks": rows}, indent=2))
+        print(json.dumps({"webhooks": rows, "store": {"damage": damage}}, indent=2))
         return EX_OK
+    if damage is not None:
+        print(f"STORE DAMAGED at {_iso(float(damage['at']))}: {damage['damage']}; moved aside "
+              f"to {damage['moved_to']} (deliveries queued there were not sent; delete it "
+              "once dealt with)")
     print(f"{'WEBHOOK':20} {'STATE':22} {'QUEUED':>7} {'FLIGHT':>6} {'DELIVERED':>9} "
           f"{'FAILED':>6} {'DEAD':>5} {'DROPPED':>7} {'ATTEMPTS':>8} {'FAILS':>5} "
           f"{'LAST TRIGGERED':24}  LAST ERROR")
@@ -287,6 +300,17 @@ def _delete_device(config: Config, conn: sqlite3.Connection, device: dict[str, A
 
 # -- parser -----------------------------------------------------------------------------
 
+def _tool(name: str) -> Callable[[argparse.Namespace], int]:
+    """A command of :mod:`bridge.tools`, imported only when it runs: the store commands
+    (``status``, ``dead``...) never load the HTTP client, aiohttp or the receiver."""
+    def command(args: argparse.Namespace) -> int:
+        from . import tools
+
+        return int(getattr(tools, name)(args))
+
+    return command
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="webhook-bridge",
@@ -326,22 +350,20 @@ def build_parser() -> argparse.ArgumentParser:
     devices.add_argument("id", nargs="?", metavar="ID")
     devices.add_argument("--json", action="store_true")
 
-    from . import tools
-
-    test = add("test", tools.cmd_test, "send one sample event through a webhook and print "
+    test = add("test", _tool("cmd_test"), "send one sample event through a webhook and print "
                "the request and the response")
     test.add_argument("name", metavar="NAME")
     test.add_argument("--event", metavar="FILE", help="a JSON event (or payload) to send")
     test.add_argument("--dry-run", action="store_true", help="print the request, send nothing")
-    secret = add("secret", tools.cmd_secret, "show or rotate a webhook's signing secret")
+    secret = add("secret", _tool("cmd_secret"), "show or rotate a webhook's signing secret")
     secret.add_argument("action", choices=["show", "rotate"])
     secret.add_argument("name", metavar="NAME")
-    listen = add("listen", tools.cmd_listen, "a local receiver that prints deliveries and "
+    listen = add("listen", _tool("cmd_listen"), "a local receiver that prints deliveries and "
                  "verifies their signatures")
     listen.add_argument("--port", type=int, default=8080)
     listen.add_argument("--host", default="127.0.0.1")
     listen.add_argument("--secret", metavar="S", help="verify signatures with this secret")
-    add("demo", tools.cmd_demo, "embedded broker + bridge + receiver + simulated device, live")
+    add("demo", _tool("cmd_demo"), "embedded broker + bridge + receiver + simulated device, live")
     return parser
 
 
@@ -354,9 +376,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         _print_problems(error)
         return EX_CONFIG
     except (Fatal, StoreError, StartError) as error:
-        print(f"webhook-bridge: {logs.redact(str(error))}", file=sys.stderr)
+        logs.fatal(str(error))
         return EX_FAIL
     except KeyboardInterrupt:
+        return EX_FAIL
+    except Exception:
+        if not logs.json_active():
+            raise
+        # A bug: still one JSON line (with the traceback in a field), not a raw dump.
+        structlog.get_logger("bridge").critical("crashed", exc_info=True)
         return EX_FAIL
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import time
@@ -21,10 +22,11 @@ from typing import Any
 
 import structlog
 
-from . import logs
+from . import logs, store_check, testsend
 from .config import Config, ConfigError, WebhookConfig, load_config
 from .delivery import USER_AGENT, Outcome, Sender
 from .dispatch import WebhookWorker, status_notice
+from .errors import StartError
 from .events import Event, dumps
 from .metrics import Metrics
 from .registry import DeviceChange, Registry, apply_change
@@ -94,10 +96,17 @@ class Bridge:
     def __init__(self, config: Config) -> None:
         config = _embedded_protocol(config)
         self.config = config
+        # Damage found at open: one line and exit 1, or moved aside (store.on_damage).
+        damage = store_check.check(config.store.path, store_check.OnDamage(
+            config.store.on_damage))
         self.store = Store(config.store.path, config.store.durability, config.store.max_size,
                            config.store.overflow)
+        if damage is not None:
+            store_check.record(config.store.path, damage)
+        store_check.mark(config.store.path)
         self.secrets = SecretKeeper(config.state_dir)
         self.metrics = Metrics()
+        self.metrics.store_damaged.set(1 if damage is not None else 0)
         self.decoders = [SourceDecoder(s) for s in config.sources]
         self.rules = RuleSet(tuple(w for w in config.webhooks if w.enabled))
         self.workers: dict[str, WebhookWorker] = {}
@@ -118,6 +127,7 @@ class Bridge:
         self._reload_lock = asyncio.Lock()
         self.stopped = asyncio.Event()
         self.accepted = 0
+        self.failed_change: dict[str, Any] | None = None
 
     def _filters(self) -> list[tuple[str, int]]:
         best: dict[str, int] = {}
@@ -445,17 +455,12 @@ class Bridge:
     # -- the rest -----------------------------------------------------------------------
 
     async def test_send(self, name: str, event: Event) -> Outcome:
-        """Send ``event`` through webhook ``name`` now, outside the queue."""
+        """Send ``event`` through webhook ``name`` now, outside the queue (the request
+        ``webhook-bridge test`` sends)."""
         webhook = self.config.webhook(name)
         if webhook is None:
             raise KeyError(name)
-        sender = Sender(webhook, self.secrets)
-        sender.start_nowait()
-        try:
-            request = Renderer(webhook, USER_AGENT).render([event])
-            return await sender.send(request, event.id)
-        finally:
-            await sender.close()
+        return await testsend.send(testsend.prepare(webhook, event, self.secrets))
 
     def alive(self) -> bool:
         """The stages are running (the systemd watchdog pings only while this holds).
@@ -470,20 +475,44 @@ class Bridge:
                 f"{self.accepted} messages accepted")
 
     @property
+    def mqtt_connected(self) -> bool:
+        return self.source.connected.is_set()
+
+    @property
     def ready(self) -> bool:
         """Connected to the broker and the store writable (``/readyz``)."""
         return self.source.connected.is_set() and not self.store.failed
 
     async def _start_embedded_broker(self) -> None:
-        from amqtt.broker import Broker
-
         cfg = self.config.mqtt
+        where = f"{cfg.host}:{cfg.port}"
+        try:
+            from amqtt.broker import Broker
+        except ImportError:
+            raise StartError("mqtt.embedded needs the embedded broker: pip install "
+                             "'mqtt-webhook-bridge[broker]' (or set mqtt.embedded: false "
+                             "and use a broker such as Mosquitto)") from None
         self.broker = Broker({
-            "listeners": {"default": {"type": "tcp", "bind": f"{cfg.host}:{cfg.port}"}},
+            "listeners": {"default": {"type": "tcp", "bind": where}},
             "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin":
                         {"allow_anonymous": True}},
         })
-        await self.broker.start()
+        # amqtt logs its own start failure with a traceback before raising: the one line
+        # below says it all (SPEC §6).
+        amqtt_log = logging.getLogger("amqtt.broker")
+        amqtt_log.disabled = True
+        try:
+            await self.broker.start()
+        except Exception as exc:
+            self.broker = None
+            cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+            reason = (os.strerror(cause.errno) if isinstance(cause, OSError) and cause.errno
+                      else str(cause))
+            raise StartError(f"embedded MQTT broker cannot listen on {where}: {reason}; "
+                             "change mqtt.port or stop what uses that port (often a "
+                             "system mosquitto: systemctl stop mosquitto)") from None
+        finally:
+            amqtt_log.disabled = False
         log.info("embedded broker started", host=cfg.host, port=cfg.port)
 
     async def stop(self) -> None:
@@ -529,10 +558,6 @@ def _chain(source: asyncio.Future[Any], target: asyncio.Future[Any]) -> None:
 def _log_allocations() -> None:
     top = tracemalloc.take_snapshot().statistics("lineno")[:15]
     log.warning("memory", top=[str(stat) for stat in top])
-
-
-class StartError(Exception):
-    """The bridge cannot start (reported as one line, exit 1)."""
 
 
 async def run(config: Config) -> int:
