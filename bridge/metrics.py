@@ -11,12 +11,15 @@ import contextlib
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from .attempts import Activity
+
 STATES = ("ENABLED", "DISABLED", "DISABLED_DUE_TO_ERRORS")
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self.activity = Activity()  # recent attempts and per-minute counts, for the console
         r = self.registry
         self.messages_received = Counter(
             "webhook_bridge_messages_received", "MQTT messages received", registry=r)
