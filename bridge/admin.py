@@ -238,8 +238,8 @@ class AdminServer:
                 raise _error(409, f"a webhook named {name!r} exists already; PUT "
                              f"{API}/{name} changes it")
             await self._apply(name, _yaml(webhook))
-            await self.bridge.store.write(self._stamp(name, created=True,
-                                                      state=state or ENABLED))
+            await self.bridge.store.write(self._stamp(name, created=True))
+            await self.bridge.set_webhook_state(name, state or ENABLED)
         log.info("webhook created via API", webhook=name, remote=request.remote)
         return web.json_response(await self._current(name), status=201,
                                  headers={"Location": f"{API}/{name}"})
@@ -257,7 +257,9 @@ class AdminServer:
         async with self._lock:
             self._check_managed(name)
             await self._apply(name, _yaml(webhook))
-            await self.bridge.store.write(self._stamp(name, created=False, state=state))
+            await self.bridge.store.write(self._stamp(name, created=False))
+            if state is not None:
+                await self.bridge.set_webhook_state(name, state)
         log.info("webhook changed via API", webhook=name, remote=request.remote)
         return web.json_response(await self._current(name))
 
@@ -342,19 +344,15 @@ class AdminServer:
             raise _error(500, f"the change could not be applied ({type(exc).__name__}: "
                          f"{exc}); nothing was changed") from None
 
-    def _stamp(self, name: str, created: bool, state: str | None
-               ) -> Callable[[sqlite3.Connection], None]:
-        """Store operation: note the creation/modification time (and a state change)."""
-        set_state = self.bridge.store.op_set_state(name, state) if state else None
-
+    def _stamp(self, name: str, created: bool) -> Callable[[sqlite3.Connection], None]:
+        """Store operation: note the creation/modification time (a state change goes
+        through the bridge's one ordered path, set_webhook_state)."""
         def stamp(conn: sqlite3.Connection) -> None:
             now = time.time()
             conn.execute("INSERT OR IGNORE INTO webhooks (name, created, modified) "
                          "VALUES (?, ?, ?)", (name, now, now))
             conn.execute("UPDATE webhooks SET modified = ?, created = CASE WHEN ? THEN ? "
                          "ELSE created END WHERE name = ?", (now, created, now, name))
-            if set_state is not None:
-                set_state(conn)
 
         return stamp
 
