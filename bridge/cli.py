@@ -19,7 +19,7 @@ from typing import Any
 
 import structlog
 
-from . import __version__, logs
+from . import __version__, logs, store_check
 from .config import (
     EX_CONFIG,
     Config,
@@ -48,6 +48,7 @@ from .store import (
 )
 
 EX_OK, EX_FAIL = 0, 1
+CLI_CHECK_SECONDS = 1.0  # quick_check bound for commands (the daemon's is longer)
 
 
 class Fatal(Exception):
@@ -85,7 +86,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _open_store(config: Config) -> sqlite3.Connection:
-    return connect(config.store.path, config.store.durability)
+    # A command never moves a damaged store aside (only `run` does, with
+    # store.on_damage: move_aside): it reports the damage and exits 1.
+    store_check.check(config.store.path, bound=CLI_CHECK_SECONDS)
+    conn = connect(config.store.path, config.store.durability)
+    store_check.mark(config.store.path)
+    return conn
 
 
 def _webhook_names(config: Config, conn: sqlite3.Connection) -> list[str]:
@@ -130,11 +136,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     conn = _open_store(config)
     try:
         rows = status_rows(config, conn)
+        damage = store_check.recorded(conn)
     finally:
         conn.close()
     if args.json:
-        print(json.dumps({"webhooks": rows}, indent=2))
+        print(json.dumps({"webhooks": rows, "store": {"damage": damage}}, indent=2))
         return EX_OK
+    if damage is not None:
+        print(f"STORE DAMAGED at {_iso(float(damage['at']))}: {damage['damage']}; moved aside "
+              f"to {damage['moved_to']} (deliveries queued there were not sent; delete it "
+              "once dealt with)")
     print("\n".join(status_table(rows, wide=args.wide, now=time.time())))
     return EX_OK
 

@@ -52,6 +52,7 @@ DEFAULT_STATE_DIR = "/var/lib/webhook-bridge"
 PROTOCOLS = ("5", "3.1.1")
 OVERFLOWS = ("drop_oldest", "backpressure")
 DURABILITIES = ("power_loss", "process_crash")
+ON_DAMAGE = ("fail", "move_aside")
 LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 QOS_LEVELS = (0, 1, 2)
@@ -130,6 +131,7 @@ class StoreConfig:
     max_size: int = 256 * 1024 * 1024  # bytes
     overflow: str = "drop_oldest"  # drop_oldest | backpressure
     durability: str = "power_loss"  # power_loss | process_crash
+    on_damage: str = "fail"  # fail | move_aside (see store_check)
 
 
 @dataclass(frozen=True)
@@ -399,6 +401,7 @@ def _parse_store(sec: Section) -> StoreConfig:
         max_size=sec.parsed("max_size", parse_size, minimum=1),
         overflow=sec.choice("overflow", OVERFLOWS),
         durability=sec.choice("durability", DURABILITIES),
+        on_damage=sec.choice("on_damage", ON_DAMAGE),
     )
     sec.finish()
     return config

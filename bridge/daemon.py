@@ -22,7 +22,7 @@ from typing import Any
 
 import structlog
 
-from . import logs, testsend
+from . import logs, store_check, testsend
 from .config import Config, ConfigError, WebhookConfig, load_config
 from .delivery import USER_AGENT, Outcome, Sender
 from .dispatch import WebhookWorker, status_notice
@@ -96,10 +96,17 @@ class Bridge:
     def __init__(self, config: Config) -> None:
         config = _embedded_protocol(config)
         self.config = config
+        # Damage found at open: one line and exit 1, or moved aside (store.on_damage).
+        damage = store_check.check(config.store.path, store_check.OnDamage(
+            config.store.on_damage))
         self.store = Store(config.store.path, config.store.durability, config.store.max_size,
                            config.store.overflow)
+        if damage is not None:
+            store_check.record(config.store.path, damage)
+        store_check.mark(config.store.path)
         self.secrets = SecretKeeper(config.state_dir)
         self.metrics = Metrics()
+        self.metrics.store_damaged.set(1 if damage is not None else 0)
         self.decoders = [SourceDecoder(s) for s in config.sources]
         self.rules = RuleSet(tuple(w for w in config.webhooks if w.enabled))
         self.workers: dict[str, WebhookWorker] = {}
