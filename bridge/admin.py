@@ -34,6 +34,7 @@ from . import logs
 from .config import Config, ConfigError, WebhookConfig, dump_webhook, webhook_from_mapping
 from .control import BridgeControl
 from .events import Event, new_id
+from .proxy import redact_proxy_url
 from .store import DISABLED, DISABLED_DUE_TO_ERRORS, ENABLED, webhook_rows
 
 log = structlog.get_logger("bridge.admin")
@@ -404,6 +405,8 @@ def redact(data: dict[str, Any]) -> dict[str, Any]:
         if isinstance(block, dict):
             result[section] = {k: REDACTED if k in SECRET_KEYS and v is not None else v
                                for k, v in block.items()}
+    if isinstance(result.get("proxy"), str):  # http://user:***@proxy.corp:3128
+        result["proxy"] = redact_proxy_url(result["proxy"])
     return result
 
 
@@ -419,6 +422,9 @@ def unredact(body: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
         for key in SECRET_KEYS:
             if new.get(key) == REDACTED and key in old:
                 new[key] = old[key]
+    old_proxy = current.get("proxy")
+    if isinstance(old_proxy, str) and body.get("proxy") == redact_proxy_url(old_proxy):
+        body["proxy"] = old_proxy
     return body
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import time
@@ -21,7 +22,7 @@ from typing import Any
 
 import structlog
 
-from . import logs, testsend
+from . import logs, store_check, testsend
 from .config import Config, ConfigError, WebhookConfig, load_config
 from .delivery import USER_AGENT, Outcome, Sender
 from .dispatch import WebhookWorker, status_notice
@@ -96,10 +97,17 @@ class Bridge:
     def __init__(self, config: Config) -> None:
         config = _embedded_protocol(config)
         self.config = config
+        # Damage found at open: one line and exit 1, or moved aside (store.on_damage).
+        damage = store_check.check(config.store.path, store_check.OnDamage(
+            config.store.on_damage))
         self.store = Store(config.store.path, config.store.durability, config.store.max_size,
                            config.store.overflow)
+        if damage is not None:
+            store_check.record(config.store.path, damage)
+        store_check.mark(config.store.path)
         self.secrets = SecretKeeper(config.state_dir)
         self.metrics = Metrics()
+        self.metrics.store_damaged.set(1 if damage is not None else 0)
         self.decoders = [SourceDecoder(s) for s in config.sources]
         self.rules = RuleSet(tuple(w for w in config.webhooks if w.enabled))
         self.workers: dict[str, WebhookWorker] = {}
@@ -527,15 +535,35 @@ class Bridge:
         return self.source.connected.is_set() and not self.store.failed
 
     async def _start_embedded_broker(self) -> None:
-        from amqtt.broker import Broker
-
         cfg = self.config.mqtt
+        where = f"{cfg.host}:{cfg.port}"
+        try:
+            from amqtt.broker import Broker
+        except ImportError:
+            raise StartError("mqtt.embedded needs the embedded broker: pip install "
+                             "'mqtt-webhook-bridge[broker]' (or set mqtt.embedded: false "
+                             "and use a broker such as Mosquitto)") from None
         self.broker = Broker({
-            "listeners": {"default": {"type": "tcp", "bind": f"{cfg.host}:{cfg.port}"}},
+            "listeners": {"default": {"type": "tcp", "bind": where}},
             "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin":
                         {"allow_anonymous": True}},
         })
-        await self.broker.start()
+        # amqtt logs its own start failure with a traceback before raising: the one line
+        # below says it all (SPEC §6).
+        amqtt_log = logging.getLogger("amqtt.broker")
+        amqtt_log.disabled = True
+        try:
+            await self.broker.start()
+        except Exception as exc:
+            self.broker = None
+            cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+            reason = (os.strerror(cause.errno) if isinstance(cause, OSError) and cause.errno
+                      else str(cause))
+            raise StartError(f"embedded MQTT broker cannot listen on {where}: {reason}; "
+                             "change mqtt.port or stop what uses that port (often a "
+                             "system mosquitto: systemctl stop mosquitto)") from None
+        finally:
+            amqtt_log.disabled = False
         log.info("embedded broker started", host=cfg.host, port=cfg.port)
 
     async def stop(self) -> None:
