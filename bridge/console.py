@@ -8,9 +8,10 @@ every piece of data; the HTML shell holds none. There are no cookies, so no CSRF
 
 What the console reads and changes goes through the same functions as the REST API and
 the CLI: :func:`bridge.config.webhook_from_mapping` validates (the rules of ``check``),
-the API's POST/PUT/DELETE write ``conf.d/``, :mod:`bridge.store` lists, replays and
-purges dead letters (on its own connection, as the CLI does), and
-:class:`bridge.signing.SecretKeeper` rotates secrets. Recent attempts and the per-minute
+the API's POST/PUT/DELETE write ``conf.d/``, :mod:`bridge.testsend` sends test events
+(as ``webhook-bridge test`` does), :mod:`bridge.store` lists, replays and purges dead
+letters (on its own connection, as the CLI does), and :class:`bridge.signing.SecretKeeper`
+rotates secrets (on the secrets file, as the CLI does). Recent attempts and the per-minute
 picture come from :class:`bridge.attempts.Activity`; the queue depth is sampled here.
 """
 
@@ -21,7 +22,6 @@ import base64
 import contextlib
 import os
 import sqlite3
-import time
 from collections.abc import Callable
 from importlib import resources
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -29,15 +29,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import structlog
 from aiohttp import web
 
-from . import __version__, logs
+from . import __version__, logs, testsend
 from .config import ConfigError, WebhookConfig, dump_webhook, webhook_from_mapping
-from .delivery import DELIVERED, USER_AGENT, Sender
-from .events import new_id
+from .delivery import DELIVERED
 from .receiver import format_body
-from .render import Renderer, RenderError, Request
-from .signing import SecretRotationError, SecretStoreError
+from .render import RenderError
+from .signing import SecretKeeper, SecretRotationError, SecretStoreError
 from .store import connect, dead_list, dead_purge, dead_replay, webhook_rows
-from .tools import KNOWN_TYPES, sample_event, shown_headers
+from .tools import KNOWN_TYPES, proxy_route, sample_event, shown_headers
 
 if TYPE_CHECKING:
     from .admin import AdminServer
@@ -167,26 +166,14 @@ class Console:
             webhook = self._validate(data)
         except ConfigError as error:
             return web.json_response({"errors": error.problems}, status=422)
-        config = self.server.config
-        event = sample_event(config, webhook, body.get("event"))
-        msg_id = new_id("bat_") if webhook.batch is not None else event.id
-        try:
-            rendered = Renderer(webhook, USER_AGENT).render(
-                [event], msg_id if webhook.batch is not None else None)
-            sender = _PinnedSender(webhook, self.bridge.secrets, int(time.time()))
-            headers = sender.final_headers(rendered, msg_id, sender.timestamp)
+        event = sample_event(self.server.config, webhook, body.get("event"))
+        try:  # the request `webhook-bridge test` and the API's test send (bridge.testsend)
+            prepared = testsend.prepare(webhook, event, self._secrets())
         except (RenderError, SecretStoreError, ValueError) as exc:
             return web.json_response({"errors": [f"request: {exc}"]}, status=422)
-        try:
-            await sender.start()
-            outcome = await sender.send(rendered, msg_id)
-        except (OSError, ValueError) as exc:  # e.g. a CA file that does not load
-            return web.json_response({"errors": [f"tls: {exc}"]}, status=422)
-        finally:
-            await sender.close()
+        outcome = await testsend.send(prepared)
+        rendered, headers = prepared.request, prepared.headers
         shown = shown_headers(webhook, headers)
-        if webhook.auth.type == "oauth2":
-            shown["Authorization"] = "Bearer ***"
         response = None
         if outcome.status is not None:
             response_type = (outcome.headers or {}).get("Content-Type", "")
@@ -204,6 +191,7 @@ class Console:
             "result": outcome.kind, "delivered": outcome.kind == DELIVERED,
             "cause": redact(outcome.cause or "", webhook) or None,
             "elapsedMs": round(outcome.elapsed * 1000), "eventId": event.id,
+            "route": proxy_route(webhook, rendered.url) or None,
         })
 
     def _validate(self, data: dict[str, Any]) -> WebhookConfig:
@@ -226,7 +214,7 @@ class Console:
         if webhook.signing is None:
             raise _reject(409, f"webhook {webhook.name!r} does not sign its requests; add "
                           "signing: {scheme: standard-webhooks} first")
-        keeper = self.bridge.secrets
+        keeper = self._secrets()
         try:
             secret = await asyncio.to_thread(keeper.rotate, webhook.name,
                                              webhook.signing.secret)
@@ -287,23 +275,16 @@ class Console:
 
         return await asyncio.to_thread(run)
 
+    def _secrets(self) -> SecretKeeper:
+        """The secrets file as the CLI sees it (the daemon re-reads it when it changes)."""
+        return SecretKeeper(self.server.config.state_dir)
+
     def _webhook(self, request: web.Request) -> WebhookConfig:
         name = request.match_info["name"]
         webhook = self.server.config.webhook(name)
         if webhook is None:
             raise _reject(404, f"no webhook named {name!r}")
         return webhook
-
-
-class _PinnedSender(Sender):
-    """Signs with the timestamp already shown, so the request shown is the one sent."""
-
-    def __init__(self, webhook: WebhookConfig, secrets: Any, timestamp: int) -> None:
-        super().__init__(webhook, secrets)
-        self.timestamp = timestamp
-
-    def final_headers(self, request: Request, msg_id: str, timestamp: int) -> dict[str, str]:
-        return super().final_headers(request, msg_id, self.timestamp)
 
 
 def redact(text: str, webhook: WebhookConfig) -> str:

@@ -756,6 +756,7 @@ function testResult(answer) {
     h("h2", { id: "test-title", text: "Test result: " + answer.result + (res ? " (HTTP " + res.status + ", " : " (") +
                                       answer.elapsedMs + " ms)" }),
     answer.cause ? h("p", { class: answer.delivered ? "muted" : "err", text: answer.cause }) : null,
+    answer.route ? h("p", { class: "muted", text: "(" + answer.route + ")" }) : null,
     h("h3", { text: "Request (credentials masked)" }),
     h("pre", { id: "test-request", text: req.method + " " + req.url + "\n" + lines(req.headers) + "\n\n" + req.body }),
     h("h3", { text: "Response" }),
