@@ -64,6 +64,10 @@ class Metrics:
         self.webhook_state = Gauge(
             "webhook_bridge_webhook_state", "1 for the webhook's current state",
             ["webhook", "state"], registry=r)
+        self.store_damaged = Gauge(
+            "webhook_bridge_store_damaged",
+            "1 when a damaged queue database was moved aside at start (store.on_damage)",
+            registry=r)
         self.mqtt_connected = Gauge(
             "webhook_bridge_mqtt_connected", "1 while connected to the broker", registry=r)
         self.mqtt_connects = Counter(
