@@ -170,6 +170,10 @@ def config_secrets(config: Any) -> list[str | None]:
         values += [auth.password, auth.token, auth.value, auth.client_secret]
         if webhook.signing is not None:
             values.append(webhook.signing.secret)
+        if webhook.proxy:
+            from .proxy import proxy_secrets  # imports this module
+
+            values += proxy_secrets(webhook.proxy)
     return values
 
 

@@ -24,6 +24,7 @@ from . import logs, testsend
 from .config import Config, SourceConfig, WebhookConfig, default_config_path, load_config
 from .delivery import DELIVERED, Outcome
 from .events import Event
+from .proxy import ProxyChoice
 from .receiver import KEY_HEADERS, format_body, listen
 from .render import RenderError, Request
 from .rules import Rule
@@ -158,6 +159,23 @@ def print_request(webhook: WebhookConfig, request: Request, headers: dict[str, s
     if webhook.auth.type == "oauth2":
         print(f"\n(Authorization: an OAuth2 access token from {webhook.auth.token_url},"
               " fetched when sending)")
+    route = proxy_route(webhook, request.url)
+    if route:
+        print(f"\n({route})", flush=True)
+
+
+def proxy_route(webhook: WebhookConfig, url: str) -> str:
+    """How the request travels, when not directly: the proxy and where it was set."""
+    try:
+        proxy = ProxyChoice(webhook.proxy).select_url(url)
+    except ValueError as error:
+        return f"proxy misconfigured: {error}"
+    if proxy is None:
+        return ""
+    how = "CONNECT tunnel" if url.lower().startswith("https:") else "absolute-form request"
+    origin = "the webhook's proxy key" if proxy.origin == "proxy" else proxy.origin
+    auth = ", with credentials" if proxy.authorization else ""
+    return f"through proxy {proxy.authority} ({how}, from {origin}{auth})"
 
 
 def print_outcome(outcome: Outcome) -> None:

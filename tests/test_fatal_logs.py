@@ -89,7 +89,7 @@ def test_store_that_cannot_be_opened_is_one_line(store: str) -> None:
         Path(store).write_bytes(os.urandom(3 * 4096))
     line = _one_fatal_line(_run(_config(tmp, mqtt={"embedded": False},
                                         store={"path": store})))
-    assert line["event"].startswith(f"cannot open the queue database {store}: ")
+    assert store in line["event"]  # the wording is the store's (store_check)
 
 
 def test_fatal_line_is_plain_before_logging_is_set_up() -> None:
