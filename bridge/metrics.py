@@ -16,6 +16,8 @@ import contextlib
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from .attempts import Activity
+
 STATES = ("ENABLED", "DISABLED", "DISABLED_DUE_TO_ERRORS")
 SPEC_TYPES = frozenset({
     "telemetry", "alarm", "connection", "disconnection", "invalid", "device.registration",
@@ -29,6 +31,7 @@ OTHER_TYPE = "other"
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self.activity = Activity()  # recent attempts and per-minute counts, for the console
         r = self.registry
         self.messages_received = Counter(
             "webhook_bridge_messages_received", "MQTT messages received", registry=r)
@@ -68,6 +71,13 @@ class Metrics:
             "webhook_bridge_store_damaged",
             "1 when a damaged queue database was moved aside at start (store.on_damage)",
             registry=r)
+        self.intake_paused = Gauge(
+            "webhook_bridge_intake_paused",
+            "1 while MQTT intake is paused because the store cannot be written (disk full)",
+            registry=r)
+        self.intake_pauses = Counter(
+            "webhook_bridge_intake_pauses",
+            "Times MQTT intake was paused because the store could not be written", registry=r)
         self.mqtt_connected = Gauge(
             "webhook_bridge_mqtt_connected", "1 while connected to the broker", registry=r)
         self.mqtt_connects = Counter(
