@@ -7,6 +7,15 @@ registration's lifetime passes with no update (EMQX publishes nothing on deregis
 ``device.deleted`` when an operator deletes a device. The registry's rows live in the
 store's ``devices`` table and are written in the same transaction as the deliveries of
 the message that changed them, so a crash can neither lose nor invent one of these events.
+
+The registry is bounded (SPEC §8: device ids are chosen by devices): it records at most
+:func:`max_devices` devices, which takes ``DEVICE_SHARE`` of ``store.max_size`` at most,
+counted at ``DEVICE_ROW_COST`` bytes a device, and never more than ``MAX_DEVICES``. The
+bytes it takes come off the queue's quota (:attr:`Registry.bytes`), so devices and
+deliveries together stay within ``store.max_size`` and a flood of device ids can take
+the queue's room only up to that share. Once full, a device never seen before is not
+recorded: its events flow as usual, without ``device.created`` or registration tracking,
+and it is counted (:attr:`Registry.unrecorded`) until ``devices delete`` makes room.
 """
 
 from __future__ import annotations
@@ -26,6 +35,17 @@ FIRST_REGISTRATION = "device.first_registration"
 REGISTRATION_UPDATE = "device.registration_update"
 DEREGISTRATION = "device.deregistration"
 DELETED = "device.deleted"
+
+MAX_DEVICES = 50_000  # devices recorded at most, whatever the quota (memory bound)
+DEVICE_ROW_COST = 256  # bytes a device counts toward store.max_size (row, index, memory)
+DEVICE_SHARE = 8  # the registry takes at most 1/8 of store.max_size
+
+
+def max_devices(store_max_size: int) -> int:
+    """How many devices the registry records for a store quota (0: no quota)."""
+    if not store_max_size:
+        return MAX_DEVICES
+    return min(MAX_DEVICES, store_max_size // DEVICE_SHARE // DEVICE_ROW_COST)
 
 
 @dataclass
@@ -55,7 +75,9 @@ class Registry:
     being observed.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = MAX_DEVICES) -> None:
+        self.limit = limit
+        self.unrecorded = 0  # messages from devices the full registry did not record
         self.known: set[str] = set()
         self.ever_registered: set[str] = set()
         self.sources: dict[str, tuple[str, str]] = {}
@@ -128,6 +150,10 @@ class Registry:
         for event in events:
             device = event.device_id
             if device and device not in self.known:
+                if len(self.known) >= self.limit:
+                    self.unrecorded += 1  # full: the event flows, the device is not kept
+                    out.append(event)
+                    continue
                 self.known.add(device)
                 change.seen[device] = (event.source, event.topic)
                 created = _derived(event, CREATED, {"device_id": device,
@@ -172,6 +198,11 @@ class Registry:
                                 payload={"reason": "lifetime_expired", "endpoint": device}))
             change.deregistered.add(device)
         return events, change
+
+    @property
+    def bytes(self) -> int:
+        """What the recorded devices count toward ``store.max_size``."""
+        return len(self.known) * DEVICE_ROW_COST
 
     def next_deadline(self) -> float | None:
         with self._lock:
