@@ -30,7 +30,7 @@ import yaml
 from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
-from . import logs
+from . import console, logs
 from .config import Config, ConfigError, WebhookConfig, dump_webhook, webhook_from_mapping
 from .control import BridgeControl
 from .events import Event, new_id
@@ -44,7 +44,8 @@ REDACTED = "***"
 SECRET_KEYS = ("password", "token", "value", "client_secret", "secret")
 SECRET_SECTIONS = ("auth", "signing")
 # A webhook's JSON field -> its column in the store's webhook_rows (times: seconds -> ms).
-COUNTERS = {"attemptCount": "attempts", "queued": "queued", "delivered": "delivered",
+COUNTERS = {"attemptCount": "attempts", "queued": "queued", "inFlight": "in_flight",
+            "delivered": "delivered",
             "failed": "failed", "dead": "dead_letters",
             "consecutiveFailures": "consecutive_failures"}
 TIMES = {"createdAt": "created", "lastModifiedTs": "modified",
@@ -105,6 +106,7 @@ class AdminServer:
             web.post(API + "/{name}/enable", self.enable),
             web.post(API + "/{name}/disable", self.disable),
         ])
+        console.setup(app, self)  # the operator console at / (SPEC §9)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         host, _, port = self.listen.rpartition(":")
@@ -239,8 +241,8 @@ class AdminServer:
                 raise _error(409, f"a webhook named {name!r} exists already; PUT "
                              f"{API}/{name} changes it")
             await self._apply(name, _yaml(webhook))
-            await self.bridge.store.write(self._stamp(name, created=True,
-                                                      state=state or ENABLED))
+            await self.bridge.store.write(self._stamp(name, created=True))
+            await self.bridge.set_webhook_state(name, state or ENABLED)
         log.info("webhook created via API", webhook=name, remote=request.remote)
         return web.json_response(await self._current(name), status=201,
                                  headers={"Location": f"{API}/{name}"})
@@ -258,7 +260,9 @@ class AdminServer:
         async with self._lock:
             self._check_managed(name)
             await self._apply(name, _yaml(webhook))
-            await self.bridge.store.write(self._stamp(name, created=False, state=state))
+            await self.bridge.store.write(self._stamp(name, created=False))
+            if state is not None:
+                await self.bridge.set_webhook_state(name, state)
         log.info("webhook changed via API", webhook=name, remote=request.remote)
         return web.json_response(await self._current(name))
 
@@ -343,19 +347,15 @@ class AdminServer:
             raise _error(500, f"the change could not be applied ({type(exc).__name__}: "
                          f"{exc}); nothing was changed") from None
 
-    def _stamp(self, name: str, created: bool, state: str | None
-               ) -> Callable[[sqlite3.Connection], None]:
-        """Store operation: note the creation/modification time (and a state change)."""
-        set_state = self.bridge.store.op_set_state(name, state) if state else None
-
+    def _stamp(self, name: str, created: bool) -> Callable[[sqlite3.Connection], None]:
+        """Store operation: note the creation/modification time (a state change goes
+        through the bridge's one ordered path, set_webhook_state)."""
         def stamp(conn: sqlite3.Connection) -> None:
             now = time.time()
             conn.execute("INSERT OR IGNORE INTO webhooks (name, created, modified) "
                          "VALUES (?, ?, ?)", (name, now, now))
             conn.execute("UPDATE webhooks SET modified = ?, created = CASE WHEN ? THEN ? "
                          "ELSE created END WHERE name = ?", (now, created, now, name))
-            if set_state is not None:
-                set_state(conn)
 
         return stamp
 
