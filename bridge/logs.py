@@ -117,14 +117,19 @@ def redact_excerpt(text: str) -> str:
     if _pattern is None or not text:
         return text
     for secret in _secrets:
-        # The longest tail of ``text`` that begins ``secret`` (4 characters or more).
-        start = text.rfind(secret[:4], max(0, len(text) - len(secret)))
+        # The longest tail of ``text`` that begins ``secret`` (6 characters or more: a
+        # shorter one says little, and would cut ordinary words).
+        head = secret[:_CUT_MIN]
+        start = text.rfind(head, max(0, len(text) - len(secret)))
         while start >= 0:
-            if secret.startswith(text[start:]):
+            if len(text) - start >= _CUT_MIN and secret.startswith(text[start:]):
                 text = text[:start] + "***"
                 break
-            start = text.rfind(secret[:4], max(0, len(text) - len(secret)), start)
+            start = text.rfind(head, max(0, len(text) - len(secret)), start)
     return text
+
+
+_CUT_MIN = 6
 
 
 def printable(text: str) -> str:
@@ -241,6 +246,9 @@ def config_secrets(config: Any) -> list[str | None]:
     values += url_secrets(getattr(config.mqtt, "proxy", None))
     for webhook in config.webhooks:
         values += webhook_secrets(webhook)
+    from .signing import stored_secrets  # generated signing secrets, in the state dir
+
+    values += [f for secret in stored_secrets(config.state_dir) for f in signing_forms(secret)]
     return values
 
 
