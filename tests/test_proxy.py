@@ -122,6 +122,9 @@ def test_proxy_url_credentials_are_decoded_and_redacted() -> None:
     # Registered for the log redaction, decoded, encoded and as the Basic value.
     text = logs.redact(f"p:ss/w0rd p%3Ass%2Fw0rd {proxy.authorization}")
     assert "w0rd" not in text and proxy.authorization[6:] not in text
+    token = parse_proxy_url("http://tok-98765@proxy.corp:3128")  # a token as user name
+    assert token.authorization == "Basic " + base64.b64encode(b"tok-98765:").decode()
+    assert "98765" not in logs.redact("user tok-98765")
     assert redact_proxy_url("http://op:secret@proxy.corp:3128") == (
         "http://op:***@proxy.corp:3128")
     assert redact_proxy_url("http://proxy.corp:3128") == "http://proxy.corp:3128"

@@ -58,10 +58,11 @@ class _Session:
         self.pending: deque[tuple[asyncio.Future[Any], int, int]] = deque()
         self.watched: asyncio.Future[Any] | None = None
 
-    def take(self, topic: str, payload: bytes, qos: int, retain: bool, mid: int) -> None:
+    def take(self, topic: str, payload: bytes, qos: int, retain: bool, mid: int,
+             oversize: int | None) -> None:
         source = self.source
         source.received += 1
-        future = source.handler(Message(topic, payload, qos, retain))
+        future = source.handler(Message(topic, payload, qos, retain, oversize))
         if not qos:
             return
         self.pending.append((future, mid, qos))
@@ -130,9 +131,10 @@ class MqttSource:
         v5 = cfg.protocol == "5"
         session: _Session | None = None
 
-        def on_publish(topic: str, payload: bytes, qos: int, retain: bool, mid: int) -> None:
+        def on_publish(topic: str, payload: bytes, qos: int, retain: bool, mid: int,
+                       oversize: int | None) -> None:
             assert session is not None
-            session.take(topic, payload, qos, retain, mid)
+            session.take(topic, payload, qos, retain, mid, oversize)
 
         # The session exists before CONNECT: a resumed session's queued messages may
         # arrive in the same read as the CONNACK.
@@ -145,7 +147,7 @@ class MqttSource:
             v5=v5, keepalive=cfg.keepalive, clean_start=False, username=cfg.username,
             password=cfg.password, session_expiry=cfg.session_expiry,
             receive_maximum=RECEIVE_MAXIMUM, on_publish=on_publish,
-            on_made=make_session)
+            on_made=make_session, max_payload=cfg.max_payload)
         assert session is not None
         self._session = session
         return connection, session
