@@ -104,6 +104,15 @@ CREATE TABLE IF NOT EXISTS devices (
     lifetime INTEGER,
     last_registration REAL
 );
+-- LwM2M firmware update progress (Object 5) per device and instance: see registry.py
+CREATE TABLE IF NOT EXISTS firmware (
+    device TEXT NOT NULL,
+    instance INTEGER NOT NULL,
+    state INTEGER,
+    result INTEGER,
+    armed INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (device, instance)
+);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 -- MQTT messages committed but maybe not acknowledged (SPEC §5): a DUP redelivery of one
 -- (same packet id, topic and payload digest) is acknowledged without queuing it again.
