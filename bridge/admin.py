@@ -23,20 +23,19 @@ import sqlite3
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 import yaml
 from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
-from . import logs
+from . import console, logs
 from .config import Config, ConfigError, WebhookConfig, dump_webhook, webhook_from_mapping
+from .control import BridgeControl
 from .events import Event, new_id
+from .proxy import redact_proxy_url
 from .store import DISABLED, DISABLED_DUE_TO_ERRORS, ENABLED, webhook_rows
-
-if TYPE_CHECKING:
-    from .daemon import Bridge
 
 log = structlog.get_logger("bridge.admin")
 
@@ -45,7 +44,8 @@ REDACTED = "***"
 SECRET_KEYS = ("password", "token", "value", "client_secret", "secret")
 SECRET_SECTIONS = ("auth", "signing")
 # A webhook's JSON field -> its column in the store's webhook_rows (times: seconds -> ms).
-COUNTERS = {"attemptCount": "attempts", "queued": "queued", "delivered": "delivered",
+COUNTERS = {"attemptCount": "attempts", "queued": "queued", "inFlight": "in_flight",
+            "delivered": "delivered",
             "failed": "failed", "dead": "dead_letters",
             "consecutiveFailures": "consecutive_failures"}
 TIMES = {"createdAt": "created", "lastModifiedTs": "modified",
@@ -75,10 +75,10 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 
 
 class AdminServer:
-    """The admin server of one :class:`~bridge.daemon.Bridge` (``listen`` overrides
-    ``admin.listen``; ``None`` there disables the server)."""
+    """The admin server of one running bridge, seen through :class:`BridgeControl`
+    (``listen`` overrides ``admin.listen``; ``None`` there disables the server)."""
 
-    def __init__(self, bridge: Bridge, listen: str | None = None) -> None:
+    def __init__(self, bridge: BridgeControl, listen: str | None = None) -> None:
         self.bridge = bridge
         self.listen = listen if listen is not None else bridge.config.admin.listen
         self.port: int | None = None
@@ -106,6 +106,7 @@ class AdminServer:
             web.post(API + "/{name}/enable", self.enable),
             web.post(API + "/{name}/disable", self.disable),
         ])
+        console.setup(app, self)  # the operator console at / (SPEC §9)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         host, _, port = self.listen.rpartition(":")
@@ -164,7 +165,7 @@ class AdminServer:
 
     async def readyz(self, request: web.Request) -> web.Response:
         bridge = self.bridge
-        body = {"ready": bridge.ready, "mqtt": bridge.source.connected.is_set(),
+        body = {"ready": bridge.ready, "mqtt": bridge.mqtt_connected,
                 "store": not bridge.store.failed}
         return web.json_response(body, status=200 if body["ready"] else 503)
 
@@ -192,7 +193,7 @@ class AdminServer:
                 _remove(metrics.webhook_state, gone, state)
         self._gauged = names
         metrics.queue_bytes.set(self.bridge.store.bytes_queued)
-        metrics.mqtt_connected.set(1 if self.bridge.source.connected.is_set() else 0)
+        metrics.mqtt_connected.set(1 if self.bridge.mqtt_connected else 0)
 
     # -- reading webhooks ---------------------------------------------------------------
 
@@ -240,8 +241,8 @@ class AdminServer:
                 raise _error(409, f"a webhook named {name!r} exists already; PUT "
                              f"{API}/{name} changes it")
             await self._apply(name, _yaml(webhook))
-            await self.bridge.store.write(self._stamp(name, created=True,
-                                                      state=state or ENABLED))
+            await self.bridge.store.write(self._stamp(name, created=True))
+            await self.bridge.set_webhook_state(name, state or ENABLED)
         log.info("webhook created via API", webhook=name, remote=request.remote)
         return web.json_response(await self._current(name), status=201,
                                  headers={"Location": f"{API}/{name}"})
@@ -259,7 +260,9 @@ class AdminServer:
         async with self._lock:
             self._check_managed(name)
             await self._apply(name, _yaml(webhook))
-            await self.bridge.store.write(self._stamp(name, created=False, state=state))
+            await self.bridge.store.write(self._stamp(name, created=False))
+            if state is not None:
+                await self.bridge.set_webhook_state(name, state)
         log.info("webhook changed via API", webhook=name, remote=request.remote)
         return web.json_response(await self._current(name))
 
@@ -344,19 +347,15 @@ class AdminServer:
             raise _error(500, f"the change could not be applied ({type(exc).__name__}: "
                          f"{exc}); nothing was changed") from None
 
-    def _stamp(self, name: str, created: bool, state: str | None
-               ) -> Callable[[sqlite3.Connection], None]:
-        """Store operation: note the creation/modification time (and a state change)."""
-        set_state = self.bridge.store.op_set_state(name, state) if state else None
-
+    def _stamp(self, name: str, created: bool) -> Callable[[sqlite3.Connection], None]:
+        """Store operation: note the creation/modification time (a state change goes
+        through the bridge's one ordered path, set_webhook_state)."""
         def stamp(conn: sqlite3.Connection) -> None:
             now = time.time()
             conn.execute("INSERT OR IGNORE INTO webhooks (name, created, modified) "
                          "VALUES (?, ?, ?)", (name, now, now))
             conn.execute("UPDATE webhooks SET modified = ?, created = CASE WHEN ? THEN ? "
                          "ELSE created END WHERE name = ?", (now, created, now, name))
-            if set_state is not None:
-                set_state(conn)
 
         return stamp
 
@@ -408,6 +407,8 @@ def redact(data: dict[str, Any]) -> dict[str, Any]:
         if isinstance(block, dict):
             result[section] = {k: REDACTED if k in SECRET_KEYS and v is not None else v
                                for k, v in block.items()}
+    if isinstance(result.get("proxy"), str):  # http://user:***@proxy.corp:3128
+        result["proxy"] = redact_proxy_url(result["proxy"])
     return result
 
 
@@ -423,6 +424,9 @@ def unredact(body: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
         for key in SECRET_KEYS:
             if new.get(key) == REDACTED and key in old:
                 new[key] = old[key]
+    old_proxy = current.get("proxy")
+    if isinstance(old_proxy, str) and body.get("proxy") == redact_proxy_url(old_proxy):
+        body["proxy"] = old_proxy
     return body
 
 

@@ -17,7 +17,9 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
-from . import __version__, logs
+import structlog
+
+from . import __version__, logs, store_check
 from .config import (
     EX_CONFIG,
     Config,
@@ -26,7 +28,7 @@ from .config import (
     load_config,
     parse_duration,
 )
-from .daemon import StartError
+from .errors import StartError
 from .events import iso_now
 from .registry import deleted_event, encode, get_device, list_devices
 from .rules import RuleSet
@@ -46,6 +48,7 @@ from .store import (
 )
 
 EX_OK, EX_FAIL = 0, 1
+CLI_CHECK_SECONDS = 1.0  # quick_check bound for commands (the daemon's is longer)
 
 
 class Fatal(Exception):
@@ -83,7 +86,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _open_store(config: Config) -> sqlite3.Connection:
-    return connect(config.store.path, config.store.durability)
+    # A command never moves a damaged store aside (only `run` does, with
+    # store.on_damage: move_aside): it reports the damage and exits 1.
+    store_check.check(config.store.path, bound=CLI_CHECK_SECONDS)
+    conn = connect(config.store.path, config.store.durability)
+    store_check.mark(config.store.path)
+    return conn
 
 
 def _webhook_names(config: Config, conn: sqlite3.Connection) -> list[str]:
@@ -128,21 +136,71 @@ def cmd_status(args: argparse.Namespace) -> int:
     conn = _open_store(config)
     try:
         rows = status_rows(config, conn)
+        damage = store_check.recorded(conn)
     finally:
         conn.close()
     if args.json:
-        print(json.dumps({"webhooks": rows}, indent=2))
+        print(json.dumps({"webhooks": rows, "store": {"damage": damage}}, indent=2))
         return EX_OK
-    print(f"{'WEBHOOK':20} {'STATE':22} {'QUEUED':>7} {'FLIGHT':>6} {'DELIVERED':>9} "
-          f"{'FAILED':>6} {'DEAD':>5} {'DROPPED':>7} {'ATTEMPTS':>8} {'FAILS':>5} "
-          f"{'LAST TRIGGERED':24}  LAST ERROR")
-    for r in rows:
-        last = _iso(r["last_triggered"] / 1000) if r["last_triggered"] else "-"
-        print(f"{r['name'][:20]:20} {r['state']:22} {r['queued']:>7} {r['in_flight']:>6} "
-              f"{r['delivered']:>9} {r['failed']:>6} {r['dead']:>5} {r['dropped']:>7} "
-              f"{r['attempts']:>8} {r['consecutive_failures']:>5} {last:24}  "
-              f"{(r['last_error'] or '-')[:60]}")
+    if damage is not None:
+        print(f"STORE DAMAGED at {_iso(float(damage['at']))}: {damage['damage']}; moved aside "
+              f"to {damage['moved_to']} (deliveries queued there were not sent; delete it "
+              "once dealt with)")
+    print("\n".join(status_table(rows, wide=args.wide, now=time.time())))
     return EX_OK
+
+
+STATUS_WIDTH = 100  # the default table fits a 100-column terminal; --wide shows it all
+_COLUMNS = (("QUEUED", "queued", 7), ("FLIGHT", "in_flight", 6), ("DELIVERED", "delivered", 9),
+            ("FAILED", "failed", 6), ("DEAD", "dead", 5), ("ATTEMPTS", "attempts", 8),
+            ("FAILS", "consecutive_failures", 5))
+
+
+def _ellipsis(text: str, width: int) -> str:
+    """``text`` cut to ``width`` characters at a word boundary, with an ellipsis."""
+    text = " ".join(text.split())  # an error's newlines and runs of spaces: one line
+    if len(text) <= width:
+        return text
+    cut = text[:width - 1]
+    space = cut.rfind(" ")
+    if space > width // 2:  # a word boundary not too far back
+        cut = cut[:space]
+    return cut.rstrip(" ,;:") + "…"
+
+
+def _ago(ms: int | None, now: float) -> str:
+    if ms is None:
+        return "-"
+    seconds = max(now - ms / 1000, 0.0)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"
+
+
+def status_table(rows: list[dict[str, Any]], wide: bool, now: float) -> list[str]:
+    """``status``'s table: one line per webhook within 100 columns, its last error on an
+    indented line below (cut with an ellipsis); ``wide``: everything on one line."""
+    name_width = max([7, *(len(r["name"]) for r in rows)]) if wide else 18
+    numbers = " ".join(f"{title:>{width}}" for title, _, width in _COLUMNS)
+    if wide:
+        lines = [f"{'WEBHOOK':{name_width}} {'STATE':22} {numbers} {'DROPPED':>7} "
+                 f"{'LAST TRIGGERED':24}  LAST ERROR"]
+    else:
+        lines = [f"{'WEBHOOK':18} {'STATE':22} {numbers} {'LAST':>5}"]
+    for r in rows:
+        values = " ".join(f"{r[key]:>{width}}" for _, key, width in _COLUMNS)
+        if wide:
+            last = _iso(r["last_triggered"] / 1000) if r["last_triggered"] else "-"
+            lines.append(f"{r['name']:{name_width}} {r['state']:22} {values} "
+                         f"{r['dropped']:>7} {last:24}  {r['last_error'] or '-'}")
+            continue
+        lines.append(f"{_ellipsis(r['name'], 18):18} {r['state']:22} {values} "
+                     f"{_ago(r['last_triggered'], now):>5}")
+        if r["last_error"]:
+            prefix = "  last error: "
+            lines.append(prefix + _ellipsis(r["last_error"], STATUS_WIDTH - len(prefix)))
+    return lines
 
 
 def _set_state(args: argparse.Namespace, state: str) -> int:
@@ -287,15 +345,33 @@ def _delete_device(config: Config, conn: sqlite3.Connection, device: dict[str, A
 
 # -- parser -----------------------------------------------------------------------------
 
+def _tool(name: str) -> Callable[[argparse.Namespace], int]:
+    """A command of :mod:`bridge.tools`, imported only when it runs: the store commands
+    (``status``, ``dead``...) never load the HTTP client, aiohttp or the receiver."""
+    def command(args: argparse.Namespace) -> int:
+        from . import tools
+
+        return int(getattr(tools, name)(args))
+
+    return command
+
+
+CONFIG_HELP = ("config file (default: $WEBHOOK_BRIDGE_CONFIG, then "
+               "/etc/webhook-bridge/config.yaml); before or after the command")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="webhook-bridge",
-        description="MQTT to webhook bridge with a durable SQLite queue.")
+        description="MQTT to webhook bridge with a durable SQLite queue.",
+        epilog="Run 'webhook-bridge COMMAND --help' for a command's options.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    # -c before the command sets it here; after the command the subparser's copy sets it,
+    # and SUPPRESS keeps the subparser from overwriting a value given before.
+    parser.add_argument("-c", "--config", metavar="PATH", help=CONFIG_HELP)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-c", "--config", metavar="PATH",
-                        help="config file (default: $WEBHOOK_BRIDGE_CONFIG, then "
-                             "/etc/webhook-bridge/config.yaml)")
+    common.add_argument("-c", "--config", metavar="PATH", help=CONFIG_HELP,
+                        default=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, func: Callable[[argparse.Namespace], int], text: str
@@ -304,44 +380,52 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    run = add("run", cmd_run, "run the daemon")
-    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    add("check", cmd_check, "validate the configuration and print every problem")
-    status = add("status", cmd_status, "per-webhook state and counters")
+    run = add("run", cmd_run, "run the daemon (systemd Type=notify; SIGHUP reloads)")
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                     help="override log.level")
+    add("check", cmd_check, "validate the configuration and print every problem "
+        "(exit 0 ok, 78 problems)")
+    status = add("status", cmd_status, "per-webhook state and counters, and the last error")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--wide", action="store_true",
+                        help="every column and the whole last error on one line per webhook "
+                             "(the default fits 100 columns)")
     for name, func, text in (("enable", cmd_enable, "enable a webhook (resume delivery)"),
                              ("disable", cmd_disable, "disable a webhook (queue, send nothing)")):
-        add(name, func, text).add_argument("name", metavar="NAME")
+        add(name, func, text).add_argument("name", metavar="NAME", help="the webhook's name")
 
     dead = add("dead", cmd_dead, "inspect and re-queue dead letters")
-    dead.add_argument("action", choices=["list", "show", "replay", "purge"])
+    dead.add_argument("action", choices=["list", "show", "replay", "purge"],
+                      help="list them, show them with their events, re-queue them, or "
+                           "delete them")
     dead.add_argument("ids", nargs="*", metavar="ID", help="only these dead letters")
-    dead.add_argument("--webhook", metavar="NAME")
+    dead.add_argument("--webhook", metavar="NAME", help="only this webhook's")
     dead.add_argument("--since", metavar="WHEN", help="a duration ago (2h, 7d) or ISO time")
-    dead.add_argument("--json", action="store_true")
+    dead.add_argument("--json", action="store_true", help="machine-readable output")
     dead.add_argument("--all", action="store_true", help="purge: every dead letter")
 
     devices = add("devices", cmd_devices, "the device registry: list, show, delete")
-    devices.add_argument("action", choices=["list", "show", "delete"])
-    devices.add_argument("id", nargs="?", metavar="ID")
-    devices.add_argument("--json", action="store_true")
+    devices.add_argument("action", choices=["list", "show", "delete"],
+                         help="list the devices, show one, or delete one (queues "
+                              "device.deleted)")
+    devices.add_argument("id", nargs="?", metavar="ID", help="the device id (show, delete)")
+    devices.add_argument("--json", action="store_true", help="machine-readable output")
 
-    from . import tools
-
-    test = add("test", tools.cmd_test, "send one sample event through a webhook and print "
+    test = add("test", _tool("cmd_test"), "send one sample event through a webhook and print "
                "the request and the response")
-    test.add_argument("name", metavar="NAME")
+    test.add_argument("name", metavar="NAME", help="the webhook's name")
     test.add_argument("--event", metavar="FILE", help="a JSON event (or payload) to send")
     test.add_argument("--dry-run", action="store_true", help="print the request, send nothing")
-    secret = add("secret", tools.cmd_secret, "show or rotate a webhook's signing secret")
-    secret.add_argument("action", choices=["show", "rotate"])
-    secret.add_argument("name", metavar="NAME")
-    listen = add("listen", tools.cmd_listen, "a local receiver that prints deliveries and "
+    secret = add("secret", _tool("cmd_secret"), "show or rotate a webhook's signing secret")
+    secret.add_argument("action", choices=["show", "rotate"],
+                        help="print the secret, or replace it (the old one stays valid 24h)")
+    secret.add_argument("name", metavar="NAME", help="the webhook's name")
+    listen = add("listen", _tool("cmd_listen"), "a local receiver that prints deliveries and "
                  "verifies their signatures")
-    listen.add_argument("--port", type=int, default=8080)
-    listen.add_argument("--host", default="127.0.0.1")
+    listen.add_argument("--port", type=int, default=8080, help="port to listen on (8080)")
+    listen.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     listen.add_argument("--secret", metavar="S", help="verify signatures with this secret")
-    add("demo", tools.cmd_demo, "embedded broker + bridge + receiver + simulated device, live")
+    add("demo", _tool("cmd_demo"), "embedded broker + bridge + receiver + simulated device, live")
     return parser
 
 
@@ -354,9 +438,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         _print_problems(error)
         return EX_CONFIG
     except (Fatal, StoreError, StartError) as error:
-        print(f"webhook-bridge: {logs.redact(str(error))}", file=sys.stderr)
+        logs.fatal(str(error))
         return EX_FAIL
     except KeyboardInterrupt:
+        return EX_FAIL
+    except Exception:
+        if not logs.json_active():
+            raise
+        # A bug: still one JSON line (with the traceback in a field), not a raw dump.
+        structlog.get_logger("bridge").critical("crashed", exc_info=True)
         return EX_FAIL
 
 

@@ -44,6 +44,8 @@ from bridge.config_yaml import (
     url_problem,
     whsec_problem,
 )
+from bridge.proxy import NONE as PROXY_NONE
+from bridge.proxy import parse_proxy_url
 
 EX_CONFIG = 78
 DEFAULT_CONFIG_PATH = "/etc/webhook-bridge/config.yaml"
@@ -52,6 +54,7 @@ DEFAULT_STATE_DIR = "/var/lib/webhook-bridge"
 PROTOCOLS = ("5", "3.1.1")
 OVERFLOWS = ("drop_oldest", "backpressure")
 DURABILITIES = ("power_loss", "process_crash")
+ON_DAMAGE = ("fail", "move_aside")
 LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 QOS_LEVELS = (0, 1, 2)
@@ -130,6 +133,7 @@ class StoreConfig:
     max_size: int = 256 * 1024 * 1024  # bytes
     overflow: str = "drop_oldest"  # drop_oldest | backpressure
     durability: str = "power_loss"  # power_loss | process_crash
+    on_damage: str = "fail"  # fail | move_aside (see store_check)
 
 
 @dataclass(frozen=True)
@@ -212,6 +216,9 @@ class WebhookConfig:
     batch: BatchConfig | None = None
     tls: TLSConfig | None = None
     allow_insecure_http: bool = False
+    # None: HTTPS_PROXY / HTTP_PROXY / NO_PROXY from the environment; "none": direct;
+    # else http://[user:pass@]host:port (see bridge.proxy).
+    proxy: str | None = None
     timeout: float = 10.0
     concurrency: int = 4
     rate_limit: float | None = None  # requests per second
@@ -399,6 +406,7 @@ def _parse_store(sec: Section) -> StoreConfig:
         max_size=sec.parsed("max_size", parse_size, minimum=1),
         overflow=sec.choice("overflow", OVERFLOWS),
         durability=sec.choice("durability", DURABILITIES),
+        on_damage=sec.choice("on_damage", ON_DAMAGE),
     )
     sec.finish()
     return config
@@ -533,7 +541,20 @@ def _request_fields(sec: Section, insecure: bool) -> dict[str, Any]:
         "signing": _signing(sec.section("signing")),
         "batch": _batch(sec),
         "tls": _tls(sec, "tls"),
+        "proxy": sec.parsed("proxy", _proxy_setting, nullable=True),
     }
+
+
+def _proxy_setting(value: Any) -> str:
+    """``none`` or an http:// proxy URL with a host and a port (checked now, so a typo
+    is a config error rather than a delivery that never connects)."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"expected a proxy URL such as http://proxy.corp:3128 or none, got"
+                         f" {describe(value)}")
+    if value.strip().lower() == PROXY_NONE:
+        return PROXY_NONE
+    parse_proxy_url(value)
+    return value.strip()
 
 
 def _headers(sec: Section) -> Any:

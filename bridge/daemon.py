@@ -1,44 +1,47 @@
-"""The daemon: wires source -> decode -> rules -> store -> dispatch, and runs them.
+"""The daemon: wires source -> ingest -> store -> dispatch, and runs them.
 
-Owns the process lifecycle: start-up order, the per-message path (decode, match, one
-``enqueue`` operation whose commit releases the MQTT ack), the queue quota's
-backpressure, live reload (SIGHUP or a changed file), signals (SIGTERM/SIGINT drain and
-exit 0), the embedded broker, the status notices on MQTT, and following the changes CLI
-commands make to the store while the daemon runs.
+Owns the process lifecycle: start-up order, wiring the MQTT source to the ingest path
+(:mod:`bridge.ingest`: decode, registry, match, enqueue, backpressure) and the store's
+commits to the webhook workers, live reload (SIGHUP or a changed file), signals
+(SIGTERM/SIGINT drain and exit 0), the embedded broker, the status notices on MQTT,
+and following the changes CLI commands make to the store while the daemon runs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import time
 import tracemalloc
-from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 import structlog
 
-from . import logs
+from . import logs, store_check, testsend
 from .config import Config, ConfigError, WebhookConfig, load_config
 from .delivery import USER_AGENT, Outcome, Sender
 from .dispatch import WebhookWorker, status_notice
-from .events import Event, dumps
+from .errors import StartError
+from .events import Event
+from .ingest import Ingest
 from .metrics import Metrics
-from .registry import DeviceChange, Registry, apply_change
+from .registry import Registry
 from .render import Renderer
 from .rules import RuleSet
 from .signing import SecretKeeper
 from .sources.decode import SourceDecoder
-from .sources.mqtt import Message, MqttSource
-from .store import ENABLED, ROW_OVERHEAD, Delivery, NewDelivery, Store, webhook_rows
+from .sources.mqtt import MqttSource
+from .store import ENABLED, Delivery, Store, webhook_rows
 from .systemd import Notifier, run_watchdog
 
 log = structlog.get_logger("bridge.daemon")
 
-POLL = 1.0  # seconds: how soon a change made by a CLI command or to a file takes effect
+POLL = 1.0  # seconds: how soon a change to a file takes effect
+FOLLOW = 0.2  # seconds: how soon a change a CLI command made to the store takes effect
 DRAIN_GRACE = 30.0
 REMOVED_REASON = "webhook removed from the configuration"
 
@@ -78,38 +81,36 @@ class DropReporter:
         self.burst, self._timer = {}, None
 
 
-@dataclass(slots=True)
-class _CommitGroup:
-    """The messages whose deliveries one group commit stores."""
-
-    future: asyncio.Future[Any]
-    messages: int = 0
-    size: int = 0
-    changes: list[DeviceChange] = field(default_factory=list)
-
-
 class Bridge:
     """One running bridge for one configuration."""
 
     def __init__(self, config: Config) -> None:
         config = _embedded_protocol(config)
         self.config = config
+        # Damage found at open: one line and exit 1, or moved aside (store.on_damage).
+        damage = store_check.check(config.store.path, store_check.OnDamage(
+            config.store.on_damage))
         self.store = Store(config.store.path, config.store.durability, config.store.max_size,
                            config.store.overflow)
+        if damage is not None:
+            store_check.record(config.store.path, damage)
+        store_check.mark(config.store.path)
         self.secrets = SecretKeeper(config.state_dir)
         self.metrics = Metrics()
+        self.metrics.store_damaged.set(1 if damage is not None else 0)
         self.decoders = [SourceDecoder(s) for s in config.sources]
-        self.rules = RuleSet(tuple(w for w in config.webhooks if w.enabled))
+        self.registry = Registry()
+        self.ingest = Ingest(self.decoders, RuleSet(tuple(w for w in config.webhooks
+                                                          if w.enabled)),
+                             self.registry, self.store, self.metrics,
+                             backpressure=config.store.overflow == "backpressure")
         self.workers: dict[str, WebhookWorker] = {}
         self.broker: Any = None
         self.admin: Any = None
         self.notifier: Any = None
-        self.source = MqttSource(config.mqtt, self._filters(), self.handle)
+        self.source = MqttSource(config.mqtt, self._filters(), self.ingest.take)
+        self.source.on_connected = self.metrics.mqtt_connects.inc
         self._tasks: list[asyncio.Task[Any]] = []
-        self._held: deque[tuple[list[NewDelivery], int, Any, asyncio.Future[Any]]] = deque()
-        self.registry = Registry()
-        self._event_counters: dict[tuple[str, str], Any] = {}
-        self._commit_group: _CommitGroup | None = None
         self.store.on_enqueued = self._enqueued
         self._drops = DropReporter(self.metrics)
         self._generation: str | None = None
@@ -117,7 +118,17 @@ class Bridge:
         self._files_seen = self._config_files()
         self._reload_lock = asyncio.Lock()
         self.stopped = asyncio.Event()
-        self.accepted = 0
+        self.failed_change: dict[str, Any] | None = None
+        # The state version (store.write_state) each webhook's worker runs with.
+        self._state_versions: dict[str, int] = {}
+
+    @property
+    def accepted(self) -> int:
+        return self.ingest.accepted
+
+    @property
+    def rules(self) -> RuleSet:
+        return self.ingest.rules
 
     def _filters(self) -> list[tuple[str, int]]:
         best: dict[str, int] = {}
@@ -126,70 +137,7 @@ class Bridge:
             best[topic_filter] = max(qos, best.get(topic_filter, 0))
         return list(best.items())
 
-    # -- the per-message path -----------------------------------------------------------
-
-    def handle(self, message: Message) -> asyncio.Future[Any]:
-        """Decode and match ``message``; the returned future resolves once its deliveries
-        are committed (the MQTT ack waits on it)."""
-        self.metrics.messages_received.inc()
-        events, change = self.registry.observe(self.events_of(message))
-        items = self._route(events)
-        size = sum(len(i.event) + ROW_OVERHEAD for i in items)
-        if self._held or (items and self.config.store.overflow == "backpressure"
-                          and not self.store.has_room(size) and self._queue_in_use()):
-            return self._hold(items, size, change)
-        return self._enqueue(items, size, change)
-
-    def _route(self, events: list[Event]) -> list[NewDelivery]:
-        """One delivery per event and matching webhook, carrying the event's JSON."""
-        items: list[NewDelivery] = []
-        for event in events:
-            self._event_counter(event.source, event.type).inc()
-            names = self.rules.match(event)
-            if not names:
-                continue
-            body = dumps(event.envelope())
-            items.extend(NewDelivery(n, event.id, event.device_id, body) for n in names)
-        return items
-
-    def _queue_in_use(self) -> bool:
-        return bool(self.store.bytes_queued or self.store.bytes_pending)
-
-    def _event_counter(self, source: str, type_: str) -> Any:
-        counter = self._event_counters.get((source, type_))
-        if counter is None:  # labels() takes a lock and builds a key: once per pair
-            counter = self._event_counters[(source, type_)] = self.metrics.events.labels(
-                source, type_)
-        return counter
-
-    def _enqueue(self, items: list[NewDelivery], size: int, change: DeviceChange
-                 ) -> asyncio.Future[Any]:
-        self.store.bytes_pending += size
-        future = self.store.enqueue(items, _registry_op(change) if change else None)
-        # Messages stored by one commit share its future: account for them together.
-        group = self._commit_group
-        if group is None or group.future is not future:
-            group = self._commit_group = _CommitGroup(future)
-            future.add_done_callback(lambda f, g=group: self._committed(f, g))
-        group.messages += 1
-        group.size += size
-        if change:
-            group.changes.append(change)
-        return future
-
-    def _committed(self, future: asyncio.Future[Any], group: _CommitGroup) -> None:
-        if self._commit_group is group:
-            self._commit_group = None
-        self.store.bytes_pending -= group.size
-        if future.cancelled() or future.exception() is not None:
-            for change in reversed(group.changes):
-                self.registry.revert(change)  # the redelivery must see the device as new
-            self.metrics.messages_rejected.inc(group.messages)
-            log.error("messages not stored; the broker will send them again",
-                      messages=group.messages, cause=str(future.exception()))
-            return
-        self.metrics.messages_accepted.inc(group.messages)
-        self.accepted += group.messages
+    # -- commits to workers --------------------------------------------------------------
 
     def _enqueued(self, dropped: dict[str, int], handed: list[Delivery]) -> None:
         """After each commit that queued deliveries (the store has already handed caught-up
@@ -198,39 +146,6 @@ class Bridge:
             self._drops.add(dropped)
         for worker in self.workers.values():
             worker.wake()
-
-    def _hold(self, items: list[NewDelivery], size: int, change: DeviceChange
-              ) -> asyncio.Future[Any]:
-        """Backpressure: keep the message unacknowledged until the queue has room, so the
-        broker holds the rest (it stops sending once our receive window is full)."""
-        if not self._held:
-            log.warning("queue full: holding MQTT acknowledgements until deliveries free "
-                        "room (store.overflow: backpressure)",
-                        queued_bytes=self.store.bytes_queued, max_size=self.store.max_size)
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._held.append((items, size, change, future))
-        return future
-
-    async def _release_held(self) -> None:
-        while True:
-            await self.store.space_freed.wait()
-            self.store.space_freed.clear()
-            released = 0
-            while self._held and (self.store.has_room(self._held[0][1])
-                                  or not self._queue_in_use()):
-                items, size, change, held = self._held.popleft()
-                _chain(self._enqueue(items, size, change), held)
-                released += 1
-            if released and not self._held:
-                log.info("queue has room again: acknowledging MQTT messages")
-
-    def events_of(self, message: Message) -> list[Event]:
-        events: list[Event] = []
-        for decoder in self.decoders:
-            captures = decoder.topic.match(message.topic)
-            if captures is not None:
-                events.extend(decoder.events(message.topic, message.payload, captures))
-        return events
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -252,22 +167,28 @@ class Bridge:
         states = await self.store.read(webhook_rows)
         for webhook in self.config.webhooks:
             if webhook.enabled:
-                self._start_worker(webhook, states.get(webhook.name, {}).get("state", ENABLED))
+                self._start_worker(webhook, states.get(webhook.name, {}))
         self._tasks.append(asyncio.create_task(self._watch(), name="watch"))
-        self._tasks.append(asyncio.create_task(self._release_held(), name="backpressure"))
+        self._tasks.append(asyncio.create_task(self._follow(), name="follow"))
+        self._tasks.append(asyncio.create_task(self.ingest.release_held(),
+                                               name="backpressure"))
         self._tasks.append(asyncio.create_task(self._expire_registrations(),
                                                name="lifetimes"))
         self._tasks.append(self.source.start())
         log.info("bridge started", sources=len(self.decoders), webhooks=len(self.workers),
                  store=self.config.store.path)
 
-    def _start_worker(self, webhook: WebhookConfig, state: str) -> None:
+    def _start_worker(self, webhook: WebhookConfig, row: dict[str, Any]) -> None:
+        """Start webhook's worker in the state its store ``row`` holds."""
+        state = str(row.get("state", ENABLED))
         sender = Sender(webhook, self.secrets)
         sender.start_nowait()
         worker = WebhookWorker(webhook, self.store, sender, Renderer(webhook, USER_AGENT),
-                               state=state, on_state=self._publish_state,
+                               state=state, on_state=self._policy_state,
                                metrics=self.metrics)
         self.workers[webhook.name] = worker
+        self._state_versions[webhook.name] = max(int(row.get("state_version") or 0),
+                                                 self._state_versions.get(webhook.name, 0))
         self.metrics.set_state(webhook.name, state)
         worker.task = asyncio.create_task(worker.run(), name=f"worker-{webhook.name}")
         if state != ENABLED:
@@ -282,19 +203,51 @@ class Bridge:
             await worker.task
         await worker.sender.close()
 
-    async def _publish_state(self, webhook: str, state: str, reason: str) -> None:
+    async def _publish_state(self, webhook: str, state: str, reason: str,
+                             version: int | None = None) -> None:
         self.metrics.set_state(webhook, state)
+        extra = {"version": version} if version is not None else None
         await self.source.publish(status_topic(self.config.mqtt.client_id, webhook),
-                                  status_notice(webhook, state, reason))
+                                  status_notice(webhook, state, reason, extra))
+
+    # -- webhook state: one truth, in the store -------------------------------------------
+    # Every change (API, CLI, failure policy) is written by store.write_state, which gives
+    # it the next state version; the daemon applies a change only when its version is
+    # newer than the one the worker runs with. So whichever writer came last wins, even
+    # when an older change is read back (from the follow below) after a newer one.
 
     async def set_webhook_state(self, name: str, state: str,
                                 reason: str = "changed via API") -> None:
-        """Persist ``state`` for webhook ``name``, apply it and publish the notice."""
+        """Persist ``state`` for webhook ``name`` (the last writer wins), apply it and
+        publish the notice."""
+        version = await self.store.write(self.store.op_set_state(name, state))
+        await self._apply_state(name, state, version, reason)
+
+    async def _policy_state(self, name: str, state: str, reason: str) -> None:
+        """The failure policy's change (410 Gone, failure_limit): made only while the
+        stored state is still ENABLED (an operator's later change stands)."""
+        version = await self.store.write(self.store.op_set_state(name, state, reason,
+                                                                 only_if=ENABLED))
+        if version is not None:
+            await self._apply_state(name, state, version, reason)
+
+    async def _apply_state(self, name: str, state: str, version: int, reason: str) -> None:
+        if version <= self._state_versions.get(name, 0):
+            return  # an older change than the one applied (or the same one again)
+        self._state_versions[name] = version
         worker = self.workers.get(name)
-        if worker is not None:
-            await worker.change_state(state, reason)
+        if worker is None:
+            return  # not running ('enabled: false' in its file): nothing to apply
+        worker.set_state(state)
+        if state == ENABLED:
+            log.info("webhook enabled", webhook=name, cause=reason, version=version)
+        elif reason.startswith("changed "):
+            log.info("webhook disabled", webhook=name, state=state, cause=reason,
+                     version=version)
         else:
-            await self.store.write(self.store.op_set_state(name, state))
+            log.error("webhook disabled", webhook=name, state=state, cause=reason,
+                      version=version, fix=f"webhook-bridge enable {name}")
+        await self._publish_state(name, state, reason, version)
 
     async def _watch(self) -> None:
         """Once a second: follow what CLI commands changed in the store, record the
@@ -302,12 +255,20 @@ class Bridge:
         while True:
             await asyncio.sleep(POLL)
             try:
-                await self._follow_store()
                 await self._record_in_flight()
                 if self._config_files() != self._files_seen:
                     await self.reload_logged("a configuration file changed")
             except Exception as exc:  # keep watching whatever happens
                 log.error("watch failed", cause=f"{type(exc).__name__}: {exc}")
+
+    async def _follow(self) -> None:
+        """Follow what CLI commands change in the store, within FOLLOW seconds."""
+        while True:
+            await asyncio.sleep(FOLLOW)
+            try:
+                await self._follow_store()
+            except Exception as exc:  # keep following whatever happens
+                log.error("following the store failed", cause=f"{type(exc).__name__}: {exc}")
 
     async def _follow_store(self) -> None:
         generation = await self.store.read(Store.q_generation)
@@ -318,13 +279,15 @@ class Bridge:
         await self.store.read(self.registry.load)  # a device deleted by a command
         self.store.space_freed.set()
         rows = await self.store.read(webhook_rows)
-        for name, worker in self.workers.items():
-            state = rows.get(name, {}).get("state", ENABLED)
-            if state != worker.state:
-                log.info("webhook state changed by command", webhook=name, state=state)
-                worker.set_state(state)
-                await self._publish_state(name, state, "changed by command")
-            worker.resync()  # dead letters replayed by a command are due now
+        for name in list(self.workers):
+            row = rows.get(name)
+            if row is not None:
+                await self._apply_state(name, str(row["state"]),
+                                        int(row.get("state_version") or 0),
+                                        "changed by command")
+            worker = self.workers.get(name)
+            if worker is not None:
+                worker.resync()  # dead letters replayed by a command are due now
 
     async def _expire_registrations(self) -> None:
         """LwM2M registrations whose lifetime passed with no update: deregistered."""
@@ -334,9 +297,7 @@ class Bridge:
             await asyncio.sleep(delay)
             events, change = self.registry.expire(time.time())
             if events:
-                items = self._route(events)
-                size = sum(len(i.event) + ROW_OVERHEAD for i in items)
-                await self._enqueue(items, size, change)
+                await self.ingest.enqueue_events(events, change)
                 log.info("lwm2m registrations expired", devices=[e.device_id for e in events])
 
     async def _record_in_flight(self) -> None:
@@ -398,20 +359,21 @@ class Bridge:
         # a removed webhook's worker still drains what it had in flight.
         self.config = new
         self.decoders = [SourceDecoder(s) for s in new.sources]
-        self.rules = RuleSet(tuple(after.values()))
+        self.ingest.reconfigure(self.decoders, RuleSet(tuple(after.values())))
         states = await self.store.read(webhook_rows)
         for name in before:
             if name not in after or before[name] != after[name]:
                 await self._stop_worker(name)
         for name, webhook in after.items():
             if name not in self.workers:
-                self._start_worker(webhook, states.get(name, {}).get("state", ENABLED))
+                self._start_worker(webhook, states.get(name, {}))
         gone = {w.name for w in old.webhooks} - {w.name for w in new.webhooks}
         for name in gone:
             count = await self.store.write(self.store.op_dead_all(name, REMOVED_REASON))
             # No status row, no metrics series, no retained notice for a webhook that
             # no longer exists (its dead letters stay until purged).
             await self.store.write(self.store.op_forget_webhook(name))
+            self._state_versions.pop(name, None)
             await self.source.publish(status_topic(self.config.mqtt.client_id, name), b"")
             self.metrics.forget(name)
             if count:
@@ -422,17 +384,12 @@ class Bridge:
     # -- the rest -----------------------------------------------------------------------
 
     async def test_send(self, name: str, event: Event) -> Outcome:
-        """Send ``event`` through webhook ``name`` now, outside the queue."""
+        """Send ``event`` through webhook ``name`` now, outside the queue (the request
+        ``webhook-bridge test`` sends)."""
         webhook = self.config.webhook(name)
         if webhook is None:
             raise KeyError(name)
-        sender = Sender(webhook, self.secrets)
-        sender.start_nowait()
-        try:
-            request = Renderer(webhook, USER_AGENT).render([event])
-            return await sender.send(request, event.id)
-        finally:
-            await sender.close()
+        return await testsend.send(testsend.prepare(webhook, event, self.secrets))
 
     def alive(self) -> bool:
         """The stages are running (the systemd watchdog pings only while this holds).
@@ -447,20 +404,44 @@ class Bridge:
                 f"{self.accepted} messages accepted")
 
     @property
+    def mqtt_connected(self) -> bool:
+        return self.source.connected.is_set()
+
+    @property
     def ready(self) -> bool:
         """Connected to the broker and the store writable (``/readyz``)."""
         return self.source.connected.is_set() and not self.store.failed
 
     async def _start_embedded_broker(self) -> None:
-        from amqtt.broker import Broker
-
         cfg = self.config.mqtt
+        where = f"{cfg.host}:{cfg.port}"
+        try:
+            from amqtt.broker import Broker
+        except ImportError:
+            raise StartError("mqtt.embedded needs the embedded broker: pip install "
+                             "'mqtt-webhook-bridge[broker]' (or set mqtt.embedded: false "
+                             "and use a broker such as Mosquitto)") from None
         self.broker = Broker({
-            "listeners": {"default": {"type": "tcp", "bind": f"{cfg.host}:{cfg.port}"}},
+            "listeners": {"default": {"type": "tcp", "bind": where}},
             "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin":
                         {"allow_anonymous": True}},
         })
-        await self.broker.start()
+        # amqtt logs its own start failure with a traceback before raising: the one line
+        # below says it all (SPEC §6).
+        amqtt_log = logging.getLogger("amqtt.broker")
+        amqtt_log.disabled = True
+        try:
+            await self.broker.start()
+        except Exception as exc:
+            self.broker = None
+            cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+            reason = (os.strerror(cause.errno) if isinstance(cause, OSError) and cause.errno
+                      else str(cause))
+            raise StartError(f"embedded MQTT broker cannot listen on {where}: {reason}; "
+                             "change mqtt.port or stop what uses that port (often a "
+                             "system mosquitto: systemctl stop mosquitto)") from None
+        finally:
+            amqtt_log.disabled = False
         log.info("embedded broker started", host=cfg.host, port=cfg.port)
 
     async def stop(self) -> None:
@@ -485,31 +466,9 @@ class Bridge:
         log.info("bridge stopped")
 
 
-def _registry_op(change: DeviceChange) -> Any:
-    return lambda conn: apply_change(conn, change, time.time())
-
-
-def _chain(source: asyncio.Future[Any], target: asyncio.Future[Any]) -> None:
-    def copy(done: asyncio.Future[Any]) -> None:
-        if target.done():
-            return
-        if done.cancelled():
-            target.cancel()
-        elif done.exception() is not None:
-            target.set_exception(done.exception())  # type: ignore[arg-type]
-        else:
-            target.set_result(done.result())
-
-    source.add_done_callback(copy)
-
-
 def _log_allocations() -> None:
     top = tracemalloc.take_snapshot().statistics("lineno")[:15]
     log.warning("memory", top=[str(stat) for stat in top])
-
-
-class StartError(Exception):
-    """The bridge cannot start (reported as one line, exit 1)."""
 
 
 async def run(config: Config) -> int:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from . import __version__, http1, logs
 from .config import TLSConfig, WebhookConfig
+from .proxy import ProxyChoice
 from .render import Request
 from .signing import SecretKeeper, signature_headers
 
@@ -104,6 +105,11 @@ def classify_exception(exc: BaseException) -> Outcome:
         return Outcome(RETRY, None, f"TLS failure: {_describe(exc)}", counts_as_failure=True)
     if isinstance(exc, asyncio.TimeoutError):
         return Outcome(RETRY, None, "timed out")
+    if isinstance(exc, http1.ProxyError):
+        # A 407 or another 4xx from the proxy is a configuration problem (credentials,
+        # proxy policy) that waiting will not fix: it counts, as a TLS failure does.
+        # An unreachable proxy is like an unreachable network: it does not.
+        return Outcome(RETRY, None, str(exc), counts_as_failure=exc.config_problem)
     if isinstance(exc, http1.HTTPClientError):
         return Outcome(RETRY, None, f"connection failed: {exc}")
     # The OAuth2 token request goes through aiohttp (when it is loaded at all).
@@ -133,8 +139,10 @@ class OAuth2Token:
     """OAuth2 client credentials: one token request, cached until shortly before expiry."""
 
     def __init__(self, webhook: WebhookConfig,
-                 session: aiohttp.ClientSession | None = None) -> None:
+                 session: aiohttp.ClientSession | None = None,
+                 proxy: ProxyChoice | None = None) -> None:
         self.auth = webhook.auth
+        self.proxy = proxy if proxy is not None else ProxyChoice(webhook.proxy)
         self.tls = webhook.tls
         self.session = session  # opened at the first fetch, unless given
         self.timeout = webhook.timeout
@@ -164,14 +172,41 @@ class OAuth2Token:
                     cookie_jar=aiohttp.DummyCookieJar(), skip_auto_headers=("User-Agent",))
             import aiohttp
 
-            async with self.session.post(self.auth.token_url or "", data=form,
-                                         allow_redirects=False,
-                                         timeout=aiohttp.ClientTimeout(total=self.timeout)
-                                         ) as response:
-                if response.status != 200:
-                    raise TokenError(f"token endpoint answered HTTP {response.status}",
-                                     response.status)
-                data = await response.json(content_type=None)
+            url = self.auth.token_url or ""
+            try:
+                proxy = self.proxy.select_url(url)
+            except ValueError as error:  # an unusable HTTPS_PROXY
+                raise http1.ProxyError(f"proxy misconfigured: {error}", config_problem=True
+                                       ) from None
+            via: dict[str, object] = {}
+            if proxy is not None:
+                # aiohttp tunnels https with CONNECT; the credentials go as proxy_auth so the
+                # URL it may put in an error text has none.
+                via["proxy"] = proxy.url
+                if proxy.username is not None:
+                    via["proxy_auth"] = aiohttp.BasicAuth(proxy.username, proxy.password or "")
+            try:
+                async with self.session.post(url, data=form, allow_redirects=False,
+                                             timeout=aiohttp.ClientTimeout(total=self.timeout),
+                                             **via) as response:  # type: ignore[arg-type]
+                    if response.status == 407 and proxy is not None:  # plain http via proxy
+                        raise http1.ProxyAuthError(proxy)
+                    if response.status != 200:
+                        raise TokenError(f"token endpoint answered HTTP {response.status}",
+                                         response.status)
+                    data = await response.json(content_type=None)
+            except aiohttp.ClientHttpProxyError as exc:  # the proxy refused CONNECT
+                assert proxy is not None
+                if exc.status == 407:
+                    raise http1.ProxyAuthError(proxy) from None
+                raise http1.ProxyError(
+                    f"proxy connect failed: {proxy.authority} answered {exc.status} to CONNECT"
+                    f" for the token URL", config_problem=400 <= exc.status < 500) from None
+            except aiohttp.ClientProxyConnectionError as exc:
+                assert proxy is not None
+                raise http1.ProxyError(f"proxy connect failed: cannot connect to"
+                                       f" {proxy.authority} (from {proxy.origin}):"
+                                       f" {_describe(exc.os_error)}") from None
             token = data.get("access_token") if isinstance(data, dict) else None
             if not isinstance(token, str) or not token:
                 raise TokenError("token endpoint answered without an access_token", None)
@@ -210,13 +245,14 @@ class Sender:
         """Open the connection pool (inside a running event loop)."""
         webhook = self.webhook
         tls = webhook.tls
+        proxy = ProxyChoice(webhook.proxy)
         self.pool = http1.ConnectionPool(max(webhook.concurrency, 1) + 1, webhook.timeout,
-                                         lambda: ssl_context(tls))
+                                         lambda: ssl_context(tls), proxy)
         if webhook.url.lower().startswith("https:"):
             # Now, not at the first request: a bad CA or key file fails the start.
             self.pool.tls_context()
         if webhook.auth.type == "oauth2":
-            self.oauth2 = OAuth2Token(webhook)
+            self.oauth2 = OAuth2Token(webhook, proxy=proxy)
 
     async def close(self) -> None:
         if self.pool is not None:

@@ -33,7 +33,7 @@ from .store import DISABLED, DISABLED_DUE_TO_ERRORS, ENABLED, Delivery, Store
 
 log = structlog.get_logger("bridge.dispatch")
 
-StateListener = Callable[[str, str, str], Awaitable[None]]  # webhook, state, reason
+StateListener = Callable[[str, str, str], Awaitable[None]]  # webhook, state, reason: writes it
 _BLOCKED = -1.0  # rows are due but wait for a device's earlier delivery
 
 
@@ -435,6 +435,8 @@ class WebhookWorker:
         if self.metrics is not None:
             self.metrics.deliveries.labels(self.name, outcome.kind).inc(len(rows))
             self.metrics.attempt_seconds.labels(self.name).observe(outcome.elapsed)
+            self.metrics.activity.record(self.name, batch_id or rows[0].event_id, outcome,
+                                         len(rows))
         if outcome.kind == DELIVERED:
             self._step, self._probing = 0, False
             return self.store.delivered(self.name, [r.id for r in rows], self.clock(),
@@ -501,17 +503,15 @@ class WebhookWorker:
                 f"{failures} consecutive failures (failure_limit {limit}); last: {cause}")
 
     async def change_state(self, state: str, reason: str) -> None:
-        if state == self.state:
-            return
-        self.set_state(state)
-        await self.store.write(self.store.op_set_state(self.name, state, reason))
-        if state == ENABLED:
-            log.info("webhook enabled", webhook=self.name, cause=reason)
-        else:
-            log.error("webhook disabled", webhook=self.name, state=state, cause=reason,
-                      fix=f"webhook-bridge enable {self.name}")
+        """The policy's change (410 Gone, failure_limit): written through the store's one
+        ordered state path by ``on_state`` (the daemon), which applies it here."""
         if self.on_state is not None:
             await self.on_state(self.name, state, reason)
+            return
+        # A worker on its own: the same write, applied here.
+        if await self.store.write(self.store.op_set_state(self.name, state, reason,
+                                                          only_if=ENABLED)) is not None:
+            self.set_state(state)
 
 
 def status_notice(webhook: str, state: str, reason: str, extra: dict[str, Any] | None = None

@@ -9,8 +9,11 @@ line, wherever it appears (inside an error message, a URL, a header dump).
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
+import threading
+import traceback
 from collections.abc import Iterable, MutableMapping
 from typing import Any
 
@@ -79,17 +82,61 @@ def _redactor(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableM
     return event_dict
 
 
+# sd-daemon(3) priorities: journald reads a leading "<N>" as the line's syslog level.
+_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2, "exception": 3}
+
+
+def journal_stream(stream: Any) -> bool:
+    """True when ``stream`` is the journal: systemd sets JOURNAL_STREAM to the
+    ``device:inode`` of the socket it connected to stdout/stderr (systemd.exec(5))."""
+    expected = os.environ.get("JOURNAL_STREAM")
+    if not expected:
+        return False
+    try:
+        st = os.fstat(stream.fileno())
+    except (AttributeError, OSError, ValueError):
+        return False
+    return expected == f"{st.st_dev}:{st.st_ino}"
+
+
+class _Prefixed:
+    """The JSON renderer, with the line's syslog priority in front for journald."""
+
+    def __init__(self, renderer: Any) -> None:
+        self.renderer = renderer
+
+    def __call__(self, logger: Any, name: str, event_dict: MutableMapping[str, Any]) -> str:
+        level = str(event_dict.get("level", name)).lower()
+        return f"<{_PRIORITY.get(level, 6)}>" + self.renderer(logger, name, event_dict)
+
+
+def _exc_text(args: Any) -> str:
+    return "".join(traceback.format_exception(args.exc_type, args.exc_value,
+                                              args.exc_traceback))
+
+
 def setup(format: str = "auto", level: str = "info", stream: Any = None) -> None:
+    """Configure structlog for the bridge and route everything else that logs or prints a
+    traceback (stdlib logging of libraries such as amqtt, asyncio's exception handler,
+    warnings, uncaught exceptions in threads) through the same renderer, so that a
+    non-terminal stream gets nothing but JSON lines."""
     stream = stream or sys.stderr
     numeric = getattr(logging, level.upper(), logging.INFO)
     console = format == "console" or (format == "auto" and stream.isatty())
     renderer: Any = (structlog.dev.ConsoleRenderer(colors=stream.isatty()) if console
                      else structlog.processors.JSONRenderer())
+    global _json_active
+    _json_active = not console
+    if not console and journal_stream(stream):
+        renderer = _Prefixed(renderer)
+    shared: list[Any] = [
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            *shared,
             structlog.processors.format_exc_info,
             _redactor,
             renderer,
@@ -98,8 +145,21 @@ def setup(format: str = "auto", level: str = "info", stream: Any = None) -> None
         logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
-    logging.basicConfig(level=max(numeric, logging.WARNING), stream=stream,
-                        format="%(levelname)s %(name)s: %(message)s", force=True)
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    structlog.processors.format_exc_info, _redactor, renderer]))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    # Libraries only from WARNING up: amqtt and aiohttp are chatty at INFO.
+    root.setLevel(max(numeric, logging.WARNING))
+    logging.captureWarnings(True)
+    threading.excepthook = lambda args: structlog.get_logger("bridge").error(
+        "uncaught exception in a thread", thread=getattr(args.thread, "name", None),
+        exception=_exc_text(args))
 
 
 def config_secrets(config: Any) -> list[str | None]:
@@ -110,4 +170,25 @@ def config_secrets(config: Any) -> list[str | None]:
         values += [auth.password, auth.token, auth.value, auth.client_secret]
         if webhook.signing is not None:
             values.append(webhook.signing.secret)
+        if webhook.proxy:
+            from .proxy import proxy_secrets  # imports this module
+
+            values += proxy_secrets(webhook.proxy)
     return values
+
+
+_json_active = False
+
+
+def json_active() -> bool:
+    return _json_active
+
+
+def fatal(message: str) -> None:
+    """The one line of a fatal error: a JSON log line once logging is set up for a
+    non-terminal (every line the daemon writes is JSON then), else plain text."""
+    message = redact(message)
+    if _json_active:
+        structlog.get_logger("bridge").critical(message)
+    else:
+        print(f"webhook-bridge: {message}", file=sys.stderr)

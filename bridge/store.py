@@ -88,7 +88,10 @@ CREATE TABLE IF NOT EXISTS webhooks (
     last_triggered REAL,
     last_error TEXT,
     created REAL,
-    modified REAL
+    modified REAL,
+    -- Bumped by every state change (CLI, API, failure policy; see write_state): the
+    -- order in which they happened, so the last writer wins.
+    state_version INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS devices (
     id TEXT PRIMARY KEY,
@@ -210,11 +213,22 @@ def connect(path: str, durability: str = "power_loss") -> sqlite3.Connection:
         conn.execute(f"PRAGMA synchronous={sync}")
         conn.execute("PRAGMA busy_timeout=30000")
         conn.executescript(_SCHEMA)
+        _add_columns(conn)
         conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)",
                      (SCHEMA_VERSION,))
     except (sqlite3.Error, OSError) as exc:
         raise StoreError(f"cannot open the queue database {path}: {exc}") from exc
     return conn
+
+
+def _add_columns(conn: sqlite3.Connection) -> None:
+    """Columns added since a database may have been made (CREATE TABLE IF NOT EXISTS
+    leaves an older table as it is)."""
+    have = {row[1] for row in conn.execute("PRAGMA table_info(webhooks)")}
+    if "state_version" not in have:
+        with contextlib.suppress(sqlite3.OperationalError):  # another process was first
+            conn.execute("ALTER TABLE webhooks ADD COLUMN state_version INTEGER NOT NULL"
+                         " DEFAULT 0")
 
 
 class Store:
@@ -734,16 +748,11 @@ class Store:
 
         return dead_all
 
-    def op_set_state(self, webhook: str, state: str, reason: str | None = None) -> Operation:
-        def set_state(conn: sqlite3.Connection) -> None:
-            _ensure_webhook(conn, webhook)
-            reset = ", consecutive_failures = 0" if state == ENABLED else ""
-            conn.execute(
-                f"UPDATE webhooks SET state = ?, modified = ?,"
-                f" last_error = COALESCE(?, last_error){reset} WHERE name = ?",
-                (state, time.time(), reason, webhook))
-
-        return set_state
+    def op_set_state(self, webhook: str, state: str, reason: str | None = None,
+                     only_if: str | None = None) -> Operation:
+        """:func:`write_state` as an operation; returns the new state version, or None
+        when ``only_if`` did not hold."""
+        return lambda conn: write_state(conn, webhook, state, reason, only_if)
 
     def _note_failure(self, conn: sqlite3.Connection, webhook: str, error: str,
                       counts: bool, now: float) -> int:
@@ -1016,14 +1025,37 @@ def dead_purge(conn: sqlite3.Connection, webhook: str | None = None,
     return count
 
 
-def set_state(conn: sqlite3.Connection, webhook: str, state: str) -> None:
-    """Change a webhook's state from any process (the daemon follows within a second)."""
+def write_state(conn: sqlite3.Connection, webhook: str, state: str,
+                reason: str | None = None, only_if: str | None = None) -> int | None:
+    """The one way a webhook's state changes (CLI, API and failure policy alike): set it
+    and bump its ``state_version``, so every change has a place in one order and the
+    daemon applies only changes newer than the one it holds. With ``only_if`` the change
+    is made only while the stored state is that one (the failure policy disables only a
+    webhook that is still enabled). Returns the new version, or None when nothing was
+    changed. Runs inside the caller's transaction."""
+    _ensure_webhook(conn, webhook)
+    reset = ", consecutive_failures = 0" if state == ENABLED else ""
+    guard, params = (" AND state = ?", [only_if]) if only_if is not None else ("", [])
+    changed = conn.execute(
+        f"UPDATE webhooks SET state = ?, state_version = state_version + 1, modified = ?,"
+        f" last_error = COALESCE(?, last_error){reset} WHERE name = ?{guard}",
+        [state, time.time(), reason, webhook, *params]).rowcount
+    if not changed:
+        return None
+    row = conn.execute("SELECT state_version FROM webhooks WHERE name = ?",
+                       (webhook,)).fetchone()
+    return int(row[0])
+
+
+def set_state(conn: sqlite3.Connection, webhook: str, state: str,
+              reason: str | None = None) -> int:
+    """Change a webhook's state from any process; a running daemon follows within a
+    fraction of a second (see :func:`bump_generation`). Returns the state version."""
     with transaction(conn):
-        _ensure_webhook(conn, webhook)
-        reset = ", consecutive_failures = 0" if state == ENABLED else ""
-        conn.execute(f"UPDATE webhooks SET state = ?, modified = ?{reset} WHERE name = ?",
-                     (state, time.time(), webhook))
+        version = write_state(conn, webhook, state, reason)
         bump_generation(conn)
+    assert version is not None
+    return version
 
 
 @contextlib.contextmanager

@@ -20,12 +20,13 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from . import logs
+from . import logs, testsend
 from .config import Config, SourceConfig, WebhookConfig, default_config_path, load_config
-from .delivery import DELIVERED, USER_AGENT, Outcome, Sender
-from .events import Event, new_id
+from .delivery import DELIVERED, Outcome
+from .events import Event
+from .proxy import ProxyChoice
 from .receiver import KEY_HEADERS, format_body, listen
-from .render import Renderer, RenderError, Request
+from .render import RenderError, Request
 from .rules import Rule
 from .signing import SecretKeeper, SecretRotationError, SecretStoreError
 from .templates import TemplateError, compile_template
@@ -132,18 +133,6 @@ def _read_event_file(path: str) -> Any:
         return json.load(f)
 
 
-class _PinnedSender(Sender):
-    """A Sender whose headers carry the timestamp already printed, so the request shown
-    is byte for byte (signature included) the one sent."""
-
-    def __init__(self, webhook: WebhookConfig, secrets: SecretKeeper, timestamp: int) -> None:
-        super().__init__(webhook, secrets)
-        self.timestamp = timestamp
-
-    def final_headers(self, request: Request, msg_id: str, timestamp: int) -> dict[str, str]:
-        return super().final_headers(request, msg_id, self.timestamp)
-
-
 def shown_headers(webhook: WebhookConfig, headers: dict[str, str]) -> dict[str, str]:
     """``headers`` fit for a terminal: credentials masked, signatures kept (not secret)."""
     shown: dict[str, str] = {}
@@ -170,6 +159,23 @@ def print_request(webhook: WebhookConfig, request: Request, headers: dict[str, s
     if webhook.auth.type == "oauth2":
         print(f"\n(Authorization: an OAuth2 access token from {webhook.auth.token_url},"
               " fetched when sending)")
+    route = proxy_route(webhook, request.url)
+    if route:
+        print(f"\n({route})", flush=True)
+
+
+def proxy_route(webhook: WebhookConfig, url: str) -> str:
+    """How the request travels, when not directly: the proxy and where it was set."""
+    try:
+        proxy = ProxyChoice(webhook.proxy).select_url(url)
+    except ValueError as error:
+        return f"proxy misconfigured: {error}"
+    if proxy is None:
+        return ""
+    how = "CONNECT tunnel" if url.lower().startswith("https:") else "absolute-form request"
+    origin = "the webhook's proxy key" if proxy.origin == "proxy" else proxy.origin
+    auth = ", with credentials" if proxy.authorization else ""
+    return f"through proxy {proxy.authority} ({how}, from {origin}{auth})"
 
 
 def print_outcome(outcome: Outcome) -> None:
@@ -190,14 +196,6 @@ def print_outcome(outcome: Outcome) -> None:
     print(f"\nresult: {outcome.kind}{logs.redact(cause)}", flush=True)
 
 
-async def _send(sender: Sender, request: Request, msg_id: str) -> Outcome:
-    await sender.start()
-    try:
-        return await sender.send(request, msg_id)
-    finally:
-        await sender.close()
-
-
 def cmd_test(args: argparse.Namespace) -> int:
     """Render one sample event for webhook NAME, print the request, and send it (outside
     the queue) unless ``--dry-run``; exit 0 only on a 2xx answer."""
@@ -214,23 +212,19 @@ def cmd_test(args: argparse.Namespace) -> int:
     if not Rule(webhook).matches(event):
         print(f"note: webhook {webhook.name}'s selection would not match this event "
               f"(type {event.type!r}); sending it anyway\n", file=sys.stderr)
-    # A batching webhook sends batches: show the one-event batch the endpoint would get.
-    msg_id = new_id("bat_") if webhook.batch is not None else event.id
+    # The request the API's test sends too (a batching webhook: a one-event batch).
     try:
-        request = Renderer(webhook, USER_AGENT).render(
-            [event], msg_id if webhook.batch is not None else None)
+        prepared = testsend.prepare(webhook, event, SecretKeeper(config.state_dir))
     except RenderError as exc:
         return _fail(f"cannot render the request for webhook {webhook.name}: {exc}")
-    try:
-        sender = _PinnedSender(webhook, SecretKeeper(config.state_dir), int(time.time()))
-        headers = sender.final_headers(request, msg_id, sender.timestamp)
     except (SecretStoreError, ValueError) as exc:
         return _fail(f"cannot sign the request: {exc}")
+    request, headers = prepared.request, prepared.headers
     print_request(webhook, request, headers)
     if args.dry_run:
         print("\n(dry run: nothing was sent)", flush=True)
         return EX_OK
-    outcome = asyncio.run(_send(sender, request, msg_id))
+    outcome = asyncio.run(testsend.send(prepared))
     print_outcome(outcome)
     return EX_OK if outcome.kind == DELIVERED else EX_FAIL
 

@@ -207,8 +207,8 @@ def expected_api_hook(endpoint: Endpoint, certs: Certificates, path: str,
             "headers": {"X-Site": "plant-7"}, "auth": {"type": "bearer", "token": "***"},
             "tls": {"ca_file": str(certs.ca_file)}, "retry": {"initial": "100ms", "max": "1s"},
             "status": "ENABLED", "source": "api", "failureLimit": 10, "attemptCount": 0,
-            "lastTriggeredTs": None, "queued": 0, "delivered": 0, "failed": 0, "dead": 0,
-            "consecutiveFailures": 0, "lastError": None, **fields}
+            "lastTriggeredTs": None, "queued": 0, "inFlight": 0, "delivered": 0, "failed": 0,
+            "dead": 0, "consecutiveFailures": 0, "lastError": None, **fields}
 
 
 async def test_create_deliver_update_delete(
@@ -393,6 +393,23 @@ async def test_test_endpoint_sends_one_event(
         assert endpoint.requests[1].json() == envelope
         assert await admin.call("POST", API + "/nope/test") == (
             404, {"error": "no webhook named 'nope'"})
+
+
+async def test_test_endpoint_sends_what_the_test_command_sends(
+        tmp_path: Path, endpoint: Endpoint, certs: Certificates) -> None:
+    """A batching webhook gets a one-event batch from the API's test, as from
+    `webhook-bridge test` (one function builds both)."""
+    path = write_config(tmp_path, free_port(), [hook("batched", endpoint, certs, "/b",
+                                                     batch={"max_events": 10})])
+    async with running(path) as admin:
+        status, body = await admin.call("POST", API + "/batched/test", {"temp": 5})
+        assert (status, body["delivered"]) == (200, True), body
+        (request,) = endpoint.requests
+        sent = request.json()
+        assert request.headers["webhook-id"] == sent["batch_id"]
+        assert sent["batch_id"].startswith("bat_")
+        assert [(i["id"], i["payload"]) for i in sent["result"]] == [("0", {"temp": 5})]
+        assert sent["result"][0]["event_id"] == body["eventId"]
 
 
 async def test_enable_and_disable(

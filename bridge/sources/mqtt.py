@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import random
 import ssl
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ log = structlog.get_logger("bridge.mqtt")
 
 RECEIVE_MAXIMUM = 1000  # unacknowledged messages the broker may send us (MQTT 5)
 RESUME_BELOW = RECEIVE_MAXIMUM // 4
+STABLE_AFTER = 30.0  # seconds a connection must last before the reconnect backoff resets
 
 
 @dataclass(slots=True)
@@ -39,6 +41,9 @@ class Message:
     payload: bytes
     qos: int
     retain: bool
+    oversize: int | None = None
+    """The payload's size when it was over ``mqtt.max_payload`` (``payload`` is then
+    empty: it was read past, never held)."""
 
 
 Handler = Callable[[Message], "asyncio.Future[Any]"]
@@ -99,6 +104,8 @@ class MqttSource:
         self.connected = asyncio.Event()
         self.received = 0
         self.acked = 0
+        self.connects = 0
+        self.on_connected: Callable[[], None] | None = None  # e.g. a metric
         self._connection: Connection | None = None
         self._stopping = False
         self._retained: dict[str, bytes] = {}
@@ -149,13 +156,20 @@ class MqttSource:
                           port=self.config.port, cause=_describe(exc),
                           retry_in=round(delay, 1))
             else:
-                delay = 1.0
                 self._connection = connection
+                self.connects += 1
+                if self.on_connected is not None:
+                    self.on_connected()
+                since = time.monotonic()
                 try:
                     await self._serve(connection, session)
                 except MqttError as exc:
                     if self._stopping:
                         break
+                    # Only a connection that held resets the backoff: one the broker
+                    # drops at once (ACL, takeover, a bug) must not make a tight loop.
+                    if time.monotonic() - since >= STABLE_AFTER:
+                        delay = 1.0
                     log.warning("mqtt connection lost", host=self.config.host,
                                 port=self.config.port, cause=str(exc),
                                 retry_in=round(delay, 1))
