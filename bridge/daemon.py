@@ -112,6 +112,8 @@ class Bridge:
         self.source.on_connected = self.metrics.mqtt_connects.inc
         self._tasks: list[asyncio.Task[Any]] = []
         self.store.on_enqueued = self._enqueued
+        self.store.on_full = self._store_full
+        self._full_since: float | None = None
         self._drops = DropReporter(self.metrics)
         self._generation: str | None = None
         self._in_flight_written: dict[str, int] = {}
@@ -146,6 +148,22 @@ class Bridge:
             self._drops.add(dropped)
         for worker in self.workers.values():
             worker.wake()
+
+    def _store_full(self, full: bool, cause: str) -> None:
+        """The disk is full (or resumed): pause MQTT intake, keeping the connection; the
+        store retries its commits with backoff and nothing is acked or sent meanwhile."""
+        self.source.pause_intake(full)
+        self.metrics.intake_paused.set(1 if full else 0)
+        if full:
+            self._full_since = time.monotonic()
+            self.metrics.intake_pauses.inc()
+            log.error("queue database cannot be written (disk full?): MQTT intake paused, "
+                      "retrying the commit with backoff", cause=cause,
+                      fix="free space on the store's filesystem; the bridge resumes on its own")
+        else:
+            paused = time.monotonic() - (self._full_since or time.monotonic())
+            log.info("queue database writable again: MQTT intake resumed",
+                     paused_s=round(paused, 1))
 
     # -- lifecycle --------------------------------------------------------------------
 

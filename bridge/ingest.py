@@ -84,6 +84,8 @@ class Ingest:
         once its deliveries are committed (the MQTT ack waits on it). Never raises for
         anything the message contains."""
         self.metrics.messages_received.inc()
+        if message.oversize is not None:
+            self.metrics.oversized.inc()
         change: DeviceChange | None = None
         try:
             events = self.decode(message)

@@ -71,6 +71,13 @@ class Metrics:
             "webhook_bridge_store_damaged",
             "1 when a damaged queue database was moved aside at start (store.on_damage)",
             registry=r)
+        self.intake_paused = Gauge(
+            "webhook_bridge_intake_paused",
+            "1 while MQTT intake is paused because the store cannot be written (disk full)",
+            registry=r)
+        self.intake_pauses = Counter(
+            "webhook_bridge_intake_pauses",
+            "Times MQTT intake was paused because the store could not be written", registry=r)
         self.mqtt_connected = Gauge(
             "webhook_bridge_mqtt_connected", "1 while connected to the broker", registry=r)
         self.mqtt_connects = Counter(

@@ -42,6 +42,9 @@ ROW_OVERHEAD = 96  # bytes a delivery row costs beyond its event JSON (ids, time
 ID_BLOCK = 1024
 # How long a delivered mark may wait for another operation to share its commit.
 DELIVERED_COMMIT_DELAY = 0.05
+# A commit that failed for lack of space is retried after these many seconds, doubling.
+FULL_RETRY_INITIAL, FULL_RETRY_MAX = 0.1, 5.0
+_FULL_CODES = {13, 10}  # SQLITE_FULL, SQLITE_IOERR (a failed write or fsync: ENOSPC)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS deliveries (
@@ -147,7 +150,6 @@ class _EnqueueBatch:
     future: asyncio.Future[Any] | None = None
     dropped: dict[str, int] = field(default_factory=dict)
     handed: list[tuple[Holder, Delivery]] = field(default_factory=list)
-    committed: bool = False
 
 
 _DELIVERY_COLUMNS = "id, webhook, event_id, device_id, event, created, due, attempts, batch_id"
@@ -254,6 +256,11 @@ class Store:
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self.failed = False  # the last group commit failed (disk full, I/O error)
+        # The disk is full (commits fail with SQLITE_FULL or an I/O error): operations
+        # wait and are retried; ``on_full(full, cause)`` is told when this changes.
+        self.full = False
+        self.on_full: Callable[[bool, str], None] | None = None
+        self._closing = asyncio.Event()
         self.commits = 0
         self.space_freed = asyncio.Event()
         self._freed = False
@@ -372,32 +379,58 @@ class Store:
     async def _commit_loop(self) -> None:
         assert self._wake is not None
         loop = asyncio.get_running_loop()
+        # Operations whose commit failed because the disk is full (or its writes fail):
+        # kept, with their futures unresolved, and retried with backoff. Nothing they
+        # would hand out leaves the store, and every caller simply waits (the MQTT ack,
+        # a delivered mark whose rows stay leased) until space returns.
+        carry: list[tuple[Operation, asyncio.Future[Any]]] = []
+        delay = FULL_RETRY_INITIAL
         while True:
-            await self._wake.wait()
+            if carry:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._closing.wait(), delay)
+                delay = min(delay * 2, FULL_RETRY_MAX)
+            else:
+                await self._wake.wait()
             self._wake.clear()
             if self._lazy_wake is not None:
                 self._lazy_wake.cancel()
                 self._lazy_wake = None
-            batch, self._pending = self._pending, []
+            batch, self._pending, carry = carry + self._pending, [], []
             self._enqueue_batch, self._delivered_batch = None, None
             if not batch:
                 if self._closed:
                     return
                 continue
             self._freed = False
-            enqueued = self._enqueue_batch_of(batch)
             outcomes = await loop.run_in_executor(self._write_thread, self._apply, batch)
-            if enqueued is not None and enqueued.committed:
-                self._hand_out(enqueued)
-            if self._freed:
-                self.space_freed.set()
-            for (_, future), (ok, value) in zip(batch, outcomes):
+            full: BaseException | None = None
+            for (op, future), (ok, value) in zip(batch, outcomes):
+                again = (not ok and not future.done() and _is_full(value)
+                         and not self._closed)
+                # Leases follow the outcome (here, before the next group can run): taken
+                # back with a commit, kept by an operation that waits for space.
+                _settle(op, ok, again)
+                owner = getattr(op, "batch", None)
+                if ok and isinstance(owner, _EnqueueBatch):
+                    self._hand_out(owner)
                 if future.done():
                     continue
                 if ok:
                     future.set_result(value)
+                elif again:
+                    carry.append((op, future))
+                    full = value
                 else:
                     future.set_exception(value)
+            if self._freed:
+                self.space_freed.set()
+            if full is not None:
+                log.debug("commit failed for lack of space; retrying", cause=str(full),
+                          operations=len(carry), retry_in=delay)
+            self._note_full(full)
+            if not carry:
+                delay = FULL_RETRY_INITIAL
             if self._closed:
                 self._wake.set()  # drain what came in meanwhile, then return when empty
 
@@ -415,13 +448,17 @@ class Store:
         except Exception as exc:  # a listener must not stop the commits
             log.error("enqueue listener failed", cause=f"{type(exc).__name__}: {exc}")
 
-    def _enqueue_batch_of(self, batch: list[tuple[Operation, asyncio.Future[Any]]]
-                          ) -> _EnqueueBatch | None:
-        for op, _ in batch:
-            owner = getattr(op, "batch", None)
-            if isinstance(owner, _EnqueueBatch):
-                return owner
-        return None
+    def _note_full(self, error: BaseException | None) -> None:
+        """Enter or leave the disk-full state (one call of ``on_full`` each way)."""
+        if (error is not None) == self.full:
+            return
+        self.full = error is not None
+        self.failed = self.full
+        if self.on_full is not None:
+            try:
+                self.on_full(self.full, str(error) if error is not None else "")
+            except Exception as exc:  # a listener must not stop the commits
+                log.error("store-full listener failed", cause=f"{type(exc).__name__}: {exc}")
 
     def _apply(self, batch: list[tuple[Operation, asyncio.Future[Any]]]
                ) -> list[tuple[bool, Any]]:
@@ -436,8 +473,6 @@ class Store:
             conn.execute("COMMIT")
             self.commits += 1
             self.failed = False
-            for op, _ in batch:
-                _settle(op, True)
             return results
         except Exception:
             if conn.in_transaction:
@@ -450,15 +485,15 @@ class Store:
                 value = op(conn)
                 conn.execute("COMMIT")
                 outcomes.append((True, value))
-                _settle(op, True)
             except Exception as exc:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 self._rolled_back(conn)
-                _settle(op, False)
                 self.failed = isinstance(exc, sqlite3.Error)
-                error = exc if not isinstance(exc, sqlite3.Error) else StoreError(
-                    f"queue database {self.path}: {exc}")
+                error = exc
+                if isinstance(exc, sqlite3.Error):
+                    error = StoreError(f"queue database {self.path}: {exc}")
+                    error.__cause__ = exc
                 outcomes.append((False, error))
         return outcomes
 
@@ -473,6 +508,7 @@ class Store:
         if self._closed:
             return
         self._closed = True
+        self._closing.set()
         if self._wake is not None and self._task is not None:
             self._wake.set()
             await self._task
@@ -576,9 +612,8 @@ class Store:
                                                       item.device_id, item.event, now, now,
                                                       0, None)))
 
-        def settle(committed: bool) -> None:
-            # Rows are handed out only once their commit succeeded.
-            batch.committed = committed
+        def settle(committed: bool, again: bool) -> None:
+            # Rows are handed out only once their commit succeeded (a rerun hands anew).
             if not committed:
                 for holder, row in batch.handed:
                     self.leases.release(holder, (row.id,))
@@ -600,7 +635,9 @@ class Store:
                     " consecutive_failures = 0, last_triggered = ?, last_error = NULL"
                     " WHERE name = ?", (len(ids), attempts, now, webhook))
 
-        def settle(committed: bool) -> None:
+        def settle(committed: bool, again: bool) -> None:
+            if again:  # a delivered mark waiting for space keeps its rows leased
+                return
             for _, _, _, holders in batch.values():
                 for holder, ids in holders:
                     self.leases.release(holder, ids)
@@ -673,7 +710,11 @@ class Store:
         """``op``, after whose commit (or failure: the rows are then still queued as they
         were) ``holder``'s leases on ``ids`` end."""
         if holder is not None:
-            op.settle = lambda _: self.leases.release(holder, ids)  # type: ignore[attr-defined]
+            def settle(committed: bool, again: bool) -> None:
+                if not again:  # waiting for space: the rows stay leased meanwhile
+                    self.leases.release(holder, ids)
+
+            op.settle = settle  # type: ignore[attr-defined]
         return op
 
     def op_lease(self, holder: Holder, query: Callable[[sqlite3.Connection], list[Delivery]],
@@ -688,6 +729,7 @@ class Store:
         granted: list[int] = []
 
         def lease(conn: sqlite3.Connection) -> list[Delivery]:
+            leases.release(holder, granted)  # a rerun (its group failed): start afresh
             if not mine_too and isinstance(query, DueQuery):
                 # Leased rows are not even read; the sizes of the rest are noted.
                 found: list[Delivery] = query(conn, skip=leases, sizes=self._sizes)
@@ -702,8 +744,8 @@ class Store:
                 leases.start_handoff(query.webhook, holder)
             return [r for r in found if r.id in keep]
 
-        def settle(committed: bool) -> None:
-            if not committed:  # the worker gets an error, not these rows
+        def settle(committed: bool, again: bool) -> None:
+            if not committed:  # the worker gets an error (or a later answer), not these
                 leases.release(holder, granted)
                 if handoff:
                     leases.stop_handoff(holder)
@@ -864,11 +906,12 @@ class DueQuery:
         return result
 
 
-def _settle(op: Operation, committed: bool) -> None:
-    """Run what ``op`` does once its transaction committed or rolled back (leases)."""
+def _settle(op: Operation, committed: bool, again: bool) -> None:
+    """Run what ``op`` does once its transaction committed or failed (``again``: it will
+    be tried again, when there is space): the leases it hands out or takes back."""
     settle = getattr(op, "settle", None)
     if settle is not None:
-        settle(committed)
+        settle(committed, again)
 
 
 def _deliveries(conn: sqlite3.Connection, ids: list[int],
@@ -897,6 +940,14 @@ def _deliveries(conn: sqlite3.Connection, ids: list[int],
     if sizes is not None:
         sizes.update(noted)
     return [found[i] for i in ids if i in found]
+
+
+def _is_full(error: BaseException) -> bool:
+    """A commit failed for lack of space (or its writes failed): worth retrying later."""
+    cause = error.__cause__ if isinstance(error, StoreError) else error
+    code = getattr(cause, "sqlite_errorcode", None)
+    return isinstance(cause, sqlite3.OperationalError) and code is not None \
+        and code & 0xFF in _FULL_CODES
 
 
 def _id_list(ids: Sequence[int]) -> tuple[str, list[int]]:
