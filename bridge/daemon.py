@@ -29,7 +29,7 @@ from .errors import StartError
 from .events import Event
 from .ingest import Ingest
 from .metrics import Metrics
-from .registry import Registry
+from .registry import Registry, max_devices
 from .render import Renderer
 from .rules import RuleSet
 from .signing import SecretKeeper
@@ -99,7 +99,7 @@ class Bridge:
         self.metrics = Metrics()
         self.metrics.store_damaged.set(1 if damage is not None else 0)
         self.decoders = [SourceDecoder(s) for s in config.sources]
-        self.registry = Registry()
+        self.registry = Registry(max_devices(config.store.max_size))
         self.ingest = Ingest(self.decoders, RuleSet(tuple(w for w in config.webhooks
                                                           if w.enabled)),
                              self.registry, self.store, self.metrics,
@@ -110,6 +110,9 @@ class Bridge:
         self.notifier: Any = None
         self.source = MqttSource(config.mqtt, self._filters(), self.ingest.take)
         self.source.on_connected = self.metrics.mqtt_connects.inc
+        # Redelivery (SPEC §5): the store remembers committed packet ids until acked.
+        self.source.on_acked = self.store.acked
+        self.source.on_session = self._mqtt_session
         self._tasks: list[asyncio.Task[Any]] = []
         self.store.on_enqueued = self._enqueued
         self.store.on_full = self._store_full
@@ -149,6 +152,10 @@ class Bridge:
         for worker in self.workers.values():
             worker.wake()
 
+    def _mqtt_session(self, present: bool) -> None:
+        if not present:
+            self.store.new_session()
+
     def _store_full(self, full: bool, cause: str) -> None:
         """The disk is full (or resumed): pause MQTT intake, keeping the connection; the
         store retries its commits with backoff and nothing is acked or sent meanwhile."""
@@ -180,6 +187,7 @@ class Bridge:
                                  f"{self.config.admin.listen}: {exc.strerror or exc}; "
                                  "change admin.listen or stop what uses that port") from exc
         await self.store.read(self.registry.load)
+        self.ingest.sync_quota()
         if self.config.mqtt.embedded:
             await self._start_embedded_broker()
         states = await self.store.read(webhook_rows)
@@ -295,6 +303,7 @@ class Bridge:
         self._generation = generation
         await self.store.remeasure()
         await self.store.read(self.registry.load)  # a device deleted by a command
+        self.ingest.sync_quota()
         self.store.space_freed.set()
         rows = await self.store.read(webhook_rows)
         for name in list(self.workers):

@@ -4,9 +4,22 @@ Owns the lifecycle events no single message carries: ``device.created`` the firs
 device id appears on any source, ``device.first_registration`` the first time an LwM2M
 endpoint registers, ``device.deregistration`` (reason ``lifetime_expired``) when a
 registration's lifetime passes with no update (EMQX publishes nothing on deregister), and
-``device.deleted`` when an operator deletes a device. The registry's rows live in the
-store's ``devices`` table and are written in the same transaction as the deliveries of
-the message that changed them, so a crash can neither lose nor invent one of these events.
+``device.deleted`` when an operator deletes a device, and ``device.firmware_update``
+from the LwM2M Firmware Update object (5), whose progress is tracked per device whichever
+source carried it (EMQX publishes Object 5 notifications on their own topic,
+``<mountpoint>/v1/up/dm``). The registry's rows live in the store's ``devices`` and
+``firmware`` tables and are written in the same transaction as the deliveries of the
+message that changed them, so a crash or restart can neither lose nor invent one of these
+events.
+
+The registry is bounded (SPEC §8: device ids are chosen by devices): it records at most
+:func:`max_devices` devices, which takes ``DEVICE_SHARE`` of ``store.max_size`` at most,
+counted at ``DEVICE_ROW_COST`` bytes a device, and never more than ``MAX_DEVICES``. The
+bytes it takes come off the queue's quota (:attr:`Registry.bytes`), so devices and
+deliveries together stay within ``store.max_size`` and a flood of device ids can take
+the queue's room only up to that share. Once full, a device never seen before is not
+recorded: its events flow as usual, without ``device.created`` or registration tracking,
+and it is counted (:attr:`Registry.unrecorded`) until ``devices delete`` makes room.
 """
 
 from __future__ import annotations
@@ -18,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .events import Event, dumps
-from .sources.lwm2m import RegistrationTracker
+from .sources.lwm2m import FirmwareTracker, RegistrationTracker
 
 CREATED = "device.created"
 REGISTRATION = "device.registration"
@@ -26,6 +39,21 @@ FIRST_REGISTRATION = "device.first_registration"
 REGISTRATION_UPDATE = "device.registration_update"
 DEREGISTRATION = "device.deregistration"
 DELETED = "device.deleted"
+FIRMWARE_UPDATE = "device.firmware_update"
+
+FirmwareKey = tuple[str, int]  # (device, Object 5 instance)
+FirmwareProgress = tuple[int | None, int | None, bool] | None  # (state, result, armed)
+
+MAX_DEVICES = 50_000  # devices recorded at most, whatever the quota (memory bound)
+DEVICE_ROW_COST = 256  # bytes a device counts toward store.max_size (row, index, memory)
+DEVICE_SHARE = 8  # the registry takes at most 1/8 of store.max_size
+
+
+def max_devices(store_max_size: int) -> int:
+    """How many devices the registry records for a store quota (0: no quota)."""
+    if not store_max_size:
+        return MAX_DEVICES
+    return min(MAX_DEVICES, store_max_size // DEVICE_SHARE // DEVICE_ROW_COST)
 
 
 @dataclass
@@ -36,12 +64,14 @@ class DeviceChange:
     registered: dict[str, int | None] = field(default_factory=dict)  # id -> lifetime
     deregistered: set[str] = field(default_factory=set)
     first_registered: set[str] = field(default_factory=set)  # memory only (for revert)
+    firmware: dict[FirmwareKey, FirmwareProgress] = field(default_factory=dict)  # after
+    firmware_before: dict[FirmwareKey, FirmwareProgress] = field(default_factory=dict)
     applied: bool = False
     """Set by :func:`apply_change` (in the store's writer thread); until then the change is
     certainly not in the database."""
 
     def __bool__(self) -> bool:
-        return bool(self.seen or self.registered or self.deregistered)
+        return bool(self.seen or self.registered or self.deregistered or self.firmware)
 
 
 class Registry:
@@ -55,12 +85,15 @@ class Registry:
     being observed.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = MAX_DEVICES) -> None:
+        self.limit = limit
+        self.unrecorded = 0  # messages from devices the full registry did not record
         self.known: set[str] = set()
         self.ever_registered: set[str] = set()
         self.sources: dict[str, tuple[str, str]] = {}
         self.labels: dict[str, dict[str, str]] = {}  # the last labels seen (memory only)
         self.lifetimes = RegistrationTracker()
+        self.firmware = FirmwareTracker()
         self._lock = threading.RLock()
         self._loaded = False
         # Changes that introduced devices and may not be committed yet: load() must not
@@ -81,6 +114,9 @@ class Registry:
                         self.ever_registered.add(device)
                     if registered and lifetime:
                         self.lifetimes.register(device, lifetime, last or now)
+                for device, instance, state, result, armed in conn.execute(
+                        "SELECT device, instance, state, result, armed FROM firmware"):
+                    self.firmware.restore(device, instance, (state, result, bool(armed)))
                 return
             present = {row[0] for row in rows}
             self._unsettled = [c for c in self._unsettled if not c.applied]
@@ -102,6 +138,7 @@ class Registry:
             self.sources.pop(device, None)
             self.labels.pop(device, None)
             self.lifetimes.deregister(device)
+            self.firmware.forget(device)
 
     def revert(self, change: DeviceChange) -> None:
         """Undo what :meth:`observe` did for ``change`` when its transaction failed (the
@@ -110,6 +147,8 @@ class Registry:
             for device in change.seen:
                 self.known.discard(device)
             self.ever_registered -= change.first_registered
+            for (device, instance), saved in change.firmware_before.items():
+                self.firmware.restore(device, instance, saved)
 
     def observe(self, events: list[Event]) -> tuple[list[Event], DeviceChange]:
         """The events plus the lifecycle events they imply, and the registry change."""
@@ -128,6 +167,10 @@ class Registry:
         for event in events:
             device = event.device_id
             if device and device not in self.known:
+                if len(self.known) >= self.limit:
+                    self.unrecorded += 1  # full: the event flows, the device is not kept
+                    out.append(event)
+                    continue
                 self.known.add(device)
                 change.seen[device] = (event.source, event.topic)
                 created = _derived(event, CREATED, {"device_id": device,
@@ -141,6 +184,8 @@ class Registry:
             out.append(event)
             if not device:
                 continue
+            if event.type == "telemetry" and "lwm2m" in event.extra:
+                self._firmware(event, device, change, out)
             self.sources[device] = (event.source, event.topic)
             self.labels[device] = event.labels
             if event.type in (REGISTRATION, REGISTRATION_UPDATE):
@@ -159,6 +204,29 @@ class Registry:
                 change.deregistered.add(device)
         return out, change
 
+    def _firmware(self, event: Event, device: str, change: DeviceChange,
+                  out: list[Event]) -> None:
+        """Feed an LwM2M telemetry event's Object 5 values to the firmware tracker; the
+        event that completes an update is followed by its ``device.firmware_update``."""
+        values = event.payload.get("values") if isinstance(event.payload, dict) else None
+        if not isinstance(values, list):
+            return
+        instances = {v.get("instance") for v in values if isinstance(v, dict)
+                     and v.get("object") == 5 and isinstance(v.get("instance"), int)}
+        if not instances:
+            return
+        for instance in instances:
+            change.firmware_before.setdefault((device, instance),
+                                              self.firmware.progress(device, instance))
+        completed = self.firmware.feed(device, values)
+        for instance in instances:
+            change.firmware[(device, instance)] = self.firmware.progress(device, instance)
+        if completed is not None:
+            out.append(Event(type=FIRMWARE_UPDATE, source=event.source, topic=event.topic,
+                             device_id=device, labels=dict(event.labels),
+                             payload=completed.payload, received_at=event.received_at,
+                             extra={"lwm2m": completed.lwm2m}))
+
     def expire(self, now: float) -> tuple[list[Event], DeviceChange]:
         """Deregistration events for registrations whose lifetime has passed."""
         change = DeviceChange()
@@ -172,6 +240,11 @@ class Registry:
                                 payload={"reason": "lifetime_expired", "endpoint": device}))
             change.deregistered.add(device)
         return events, change
+
+    @property
+    def bytes(self) -> int:
+        """What the recorded devices count toward ``store.max_size``."""
+        return len(self.known) * DEVICE_ROW_COST
 
     def next_deadline(self) -> float | None:
         with self._lock:
@@ -205,6 +278,13 @@ def apply_change(conn: sqlite3.Connection, change: DeviceChange, now: float) -> 
                      (lifetime, now, device))
     for device in change.deregistered:
         conn.execute("UPDATE devices SET registered = 0 WHERE id = ?", (device,))
+    for (device, instance), saved in change.firmware.items():
+        if saved is None:
+            conn.execute("DELETE FROM firmware WHERE device = ? AND instance = ?",
+                         (device, instance))
+        else:
+            conn.execute("INSERT OR REPLACE INTO firmware (device, instance, state, result,"
+                         " armed) VALUES (?, ?, ?, ?, ?)", (device, instance, *saved))
     change.applied = True
 
 
