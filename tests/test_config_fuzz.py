@@ -319,4 +319,11 @@ async def test_api_refuses_what_check_refuses_with_the_same_message(
             assert status == 422, (answer, expected)
             messages = [re.sub(r"^api:w: ", "", e) for e in answer["errors"]]
             assert any(m.endswith(expected) for m in messages), (messages, expected)
+            # The console's live validation says the same.
+            if isinstance(body, bytes):
+                status, answer = await admin.call("POST", "/api/v1/console/check", raw=body)
+            else:
+                status, answer = await admin.call("POST", "/api/v1/console/check", body)
+            assert status in (200, 422), answer
+            assert any(e.endswith(expected) for e in answer["errors"]), (answer, expected)
         assert not (config.parent / "conf.d").exists()
