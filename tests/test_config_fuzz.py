@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import re
 import tempfile
 import time
@@ -227,7 +228,9 @@ def run_check_on(data: bytes) -> None:
     assert seconds < TIME_BOUND, seconds
 
 
-FUZZ = settings(max_examples=150, deadline=None, database=None,
+# WB_FUZZ_EXAMPLES=5000 for a longer hunt than CI's.
+FUZZ = settings(max_examples=int(os.environ.get("WB_FUZZ_EXAMPLES", "150")), deadline=None,
+                database=None,
                 suppress_health_check=[HealthCheck.too_slow])
 
 
