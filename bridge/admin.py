@@ -33,6 +33,7 @@ from prometheus_client.exposition import choose_encoder
 from . import logs
 from .config import Config, ConfigError, WebhookConfig, dump_webhook, webhook_from_mapping
 from .control import BridgeControl
+from .errors import ChangeError
 from .events import Event, new_id
 from .proxy import redact_proxy_url
 from .store import DISABLED, DISABLED_DUE_TO_ERRORS, ENABLED, webhook_rows
@@ -163,8 +164,10 @@ class AdminServer:
 
     async def readyz(self, request: web.Request) -> web.Response:
         bridge = self.bridge
-        body = {"ready": bridge.ready, "mqtt": bridge.mqtt_connected,
-                "store": not bridge.store.failed}
+        body: dict[str, Any] = {"ready": bridge.ready, "mqtt": bridge.mqtt_connected,
+                                "store": not bridge.store.failed}
+        if bridge.failed_change is not None:  # still running the previous config
+            body["failed_change"] = bridge.failed_change
         return web.json_response(body, status=200 if body["ready"] else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
@@ -327,19 +330,21 @@ class AdminServer:
                          "reload (the API changes only the webhooks it created)")
 
     async def _apply(self, name: str, content: bytes | None) -> None:
-        """Write (``None``: remove) conf.d/<name>.yaml and reload; if the reload fails, put
-        the previous file back, so disk and the running config stay the same."""
+        """Write (``None``: remove) conf.d/<name>.yaml and reload; if the change cannot be
+        applied in full, the bridge puts the previous file back (``undo``), so disk and
+        the running config stay the same, and the answer is 422 with the reason."""
         path = self._file(name)
         previous = await asyncio.to_thread(_read_bytes, path)
         await asyncio.to_thread(_replace, path, content)
-        try:
-            await self.bridge.reload()
-        except BaseException as exc:
+
+        async def undo() -> None:
             await asyncio.to_thread(_replace, path, previous)
-            if isinstance(exc, ConfigError):
-                raise Reject(422, {"errors": exc.problems}) from None
-            if not isinstance(exc, Exception):
-                raise
+
+        try:
+            await self.bridge.reload(f"API change of webhook {name}", undo=undo)
+        except (ConfigError, ChangeError) as exc:
+            raise Reject(422, {"errors": exc.problems}) from None
+        except Exception as exc:
             log.error("reload after an API change failed", webhook=name,
                       cause=f"{type(exc).__name__}: {exc}")
             raise _error(500, f"the change could not be applied ({type(exc).__name__}: "

@@ -42,6 +42,7 @@ from .store import (
     dead_list,
     dead_purge,
     dead_replay,
+    read_failed_change,
     set_state,
     transaction,
     webhook_rows,
@@ -137,11 +138,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         rows = status_rows(config, conn)
         damage = store_check.recorded(conn)
+        failed = read_failed_change(conn)
     finally:
         conn.close()
     if args.json:
-        print(json.dumps({"webhooks": rows, "store": {"damage": damage}}, indent=2))
+        print(json.dumps({"webhooks": rows, "store": {"damage": damage},
+                          "failed_change": failed}, indent=2))
         return EX_OK
+    if failed is not None:
+        print(f"CHANGE NOT APPLIED at {_iso(failed['at'] / 1000)} ({failed['change']}): "
+              f"{'; '.join(failed['problems'])}; still running the previous configuration")
     if damage is not None:
         print(f"STORE DAMAGED at {_iso(float(damage['at']))}: {damage['damage']}; moved aside "
               f"to {damage['moved_to']} (deliveries queued there were not sent; delete it "
