@@ -30,7 +30,7 @@ import yaml
 from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
-from . import logs
+from . import console, logs
 from .config import Config, ConfigError, WebhookConfig, dump_webhook, webhook_from_mapping
 from .control import BridgeControl
 from .errors import ChangeError
@@ -45,7 +45,8 @@ REDACTED = "***"
 SECRET_KEYS = ("password", "token", "value", "client_secret", "secret")
 SECRET_SECTIONS = ("auth", "signing")
 # A webhook's JSON field -> its column in the store's webhook_rows (times: seconds -> ms).
-COUNTERS = {"attemptCount": "attempts", "queued": "queued", "delivered": "delivered",
+COUNTERS = {"attemptCount": "attempts", "queued": "queued", "inFlight": "in_flight",
+            "delivered": "delivered",
             "failed": "failed", "dead": "dead_letters",
             "consecutiveFailures": "consecutive_failures"}
 TIMES = {"createdAt": "created", "lastModifiedTs": "modified",
@@ -106,6 +107,7 @@ class AdminServer:
             web.post(API + "/{name}/enable", self.enable),
             web.post(API + "/{name}/disable", self.disable),
         ])
+        console.setup(app, self)  # the operator console at / (SPEC §9)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         host, _, port = self.listen.rpartition(":")

@@ -125,6 +125,7 @@ class MQTTConfig:
     shared_group: str | None = None
     tls: TLSConfig | None = None
     embedded: bool = False
+    max_payload: int = 1024 * 1024  # bytes; larger messages are read past (SPEC §8)
 
 
 @dataclass(frozen=True)
@@ -385,6 +386,7 @@ def _parse_mqtt(sec: Section) -> MQTTConfig:
         shared_group=shared,
         tls=tls,
         embedded=sec.boolean("embedded"),
+        max_payload=sec.parsed("max_payload", parse_size, minimum=1),
     )
     sec.finish()
     return config

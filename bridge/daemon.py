@@ -1,10 +1,10 @@
-"""The daemon: wires source -> decode -> rules -> store -> dispatch, and runs them.
+"""The daemon: wires source -> ingest -> store -> dispatch, and runs them.
 
-Owns the process lifecycle: start-up order, the per-message path (decode, match, one
-``enqueue`` operation whose commit releases the MQTT ack), the queue quota's
-backpressure, live reload (SIGHUP or a changed file), signals (SIGTERM/SIGINT drain and
-exit 0), the embedded broker, the status notices on MQTT, and following the changes CLI
-commands make to the store while the daemon runs.
+Owns the process lifecycle: start-up order, wiring the MQTT source to the ingest path
+(:mod:`bridge.ingest`: decode, registry, match, enqueue, backpressure) and the store's
+commits to the webhook workers, live reload (SIGHUP or a changed file), signals
+(SIGTERM/SIGINT drain and exit 0), the embedded broker, the status notices on MQTT,
+and following the changes CLI commands make to the store while the daemon runs.
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ import signal
 import ssl
 import time
 import tracemalloc
-from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 import structlog
@@ -29,23 +28,16 @@ from .config import Config, ConfigError, WebhookConfig, load_config
 from .delivery import USER_AGENT, Outcome, Sender
 from .dispatch import WebhookWorker, status_notice
 from .errors import ChangeError, StartError
-from .events import Event, dumps
+from .events import Event
+from .ingest import Ingest
 from .metrics import Metrics
-from .registry import DeviceChange, Registry, apply_change
+from .registry import Registry
 from .render import Renderer
 from .rules import RuleSet
 from .signing import SecretKeeper
 from .sources.decode import SourceDecoder
-from .sources.mqtt import Message, MqttSource
-from .store import (
-    ENABLED,
-    ROW_OVERHEAD,
-    Delivery,
-    NewDelivery,
-    Store,
-    webhook_rows,
-    write_failed_change,
-)
+from .sources.mqtt import MqttSource
+from .store import ENABLED, Delivery, Store, webhook_rows, write_failed_change
 from .systemd import Notifier, run_watchdog
 
 log = structlog.get_logger("bridge.daemon")
@@ -91,16 +83,6 @@ class DropReporter:
         self.burst, self._timer = {}, None
 
 
-@dataclass(slots=True)
-class _CommitGroup:
-    """The messages whose deliveries one group commit stores."""
-
-    future: asyncio.Future[Any]
-    messages: int = 0
-    size: int = 0
-    changes: list[DeviceChange] = field(default_factory=list)
-
-
 class Bridge:
     """One running bridge for one configuration."""
 
@@ -119,28 +101,38 @@ class Bridge:
         self.metrics = Metrics()
         self.metrics.store_damaged.set(1 if damage is not None else 0)
         self.decoders = [SourceDecoder(s) for s in config.sources]
-        self.rules = RuleSet(tuple(w for w in config.webhooks if w.enabled))
+        self.registry = Registry()
+        self.ingest = Ingest(self.decoders, RuleSet(tuple(w for w in config.webhooks
+                                                          if w.enabled)),
+                             self.registry, self.store, self.metrics,
+                             backpressure=config.store.overflow == "backpressure")
         self.workers: dict[str, WebhookWorker] = {}
         self.broker: Any = None
         self.admin: Any = None
         self.notifier: Any = None
-        self.source = MqttSource(config.mqtt, self._filters(), self.handle)
+        self.source = MqttSource(config.mqtt, self._filters(), self.ingest.take)
+        self.source.on_connected = self.metrics.mqtt_connects.inc
         self._tasks: list[asyncio.Task[Any]] = []
-        self._held: deque[tuple[list[NewDelivery], int, Any, asyncio.Future[Any]]] = deque()
-        self.registry = Registry()
-        self._event_counters: dict[tuple[str, str], Any] = {}
-        self._commit_group: _CommitGroup | None = None
         self.store.on_enqueued = self._enqueued
+        self.store.on_full = self._store_full
+        self._full_since: float | None = None
         self._drops = DropReporter(self.metrics)
         self._generation: str | None = None
         self._in_flight_written: dict[str, int] = {}
         self._files_seen = self._config_files()
         self._reload_lock = asyncio.Lock()
         self.stopped = asyncio.Event()
-        self.accepted = 0
         self.failed_change: dict[str, Any] | None = None
         # The state version (store.write_state) each webhook's worker runs with.
         self._state_versions: dict[str, int] = {}
+
+    @property
+    def accepted(self) -> int:
+        return self.ingest.accepted
+
+    @property
+    def rules(self) -> RuleSet:
+        return self.ingest.rules
 
     def _filters(self) -> list[tuple[str, int]]:
         best: dict[str, int] = {}
@@ -149,70 +141,7 @@ class Bridge:
             best[topic_filter] = max(qos, best.get(topic_filter, 0))
         return list(best.items())
 
-    # -- the per-message path -----------------------------------------------------------
-
-    def handle(self, message: Message) -> asyncio.Future[Any]:
-        """Decode and match ``message``; the returned future resolves once its deliveries
-        are committed (the MQTT ack waits on it)."""
-        self.metrics.messages_received.inc()
-        events, change = self.registry.observe(self.events_of(message))
-        items = self._route(events)
-        size = sum(len(i.event) + ROW_OVERHEAD for i in items)
-        if self._held or (items and self.config.store.overflow == "backpressure"
-                          and not self.store.has_room(size) and self._queue_in_use()):
-            return self._hold(items, size, change)
-        return self._enqueue(items, size, change)
-
-    def _route(self, events: list[Event]) -> list[NewDelivery]:
-        """One delivery per event and matching webhook, carrying the event's JSON."""
-        items: list[NewDelivery] = []
-        for event in events:
-            self._event_counter(event.source, event.type).inc()
-            names = self.rules.match(event)
-            if not names:
-                continue
-            body = dumps(event.envelope())
-            items.extend(NewDelivery(n, event.id, event.device_id, body) for n in names)
-        return items
-
-    def _queue_in_use(self) -> bool:
-        return bool(self.store.bytes_queued or self.store.bytes_pending)
-
-    def _event_counter(self, source: str, type_: str) -> Any:
-        counter = self._event_counters.get((source, type_))
-        if counter is None:  # labels() takes a lock and builds a key: once per pair
-            counter = self._event_counters[(source, type_)] = self.metrics.events.labels(
-                source, type_)
-        return counter
-
-    def _enqueue(self, items: list[NewDelivery], size: int, change: DeviceChange
-                 ) -> asyncio.Future[Any]:
-        self.store.bytes_pending += size
-        future = self.store.enqueue(items, _registry_op(change) if change else None)
-        # Messages stored by one commit share its future: account for them together.
-        group = self._commit_group
-        if group is None or group.future is not future:
-            group = self._commit_group = _CommitGroup(future)
-            future.add_done_callback(lambda f, g=group: self._committed(f, g))
-        group.messages += 1
-        group.size += size
-        if change:
-            group.changes.append(change)
-        return future
-
-    def _committed(self, future: asyncio.Future[Any], group: _CommitGroup) -> None:
-        if self._commit_group is group:
-            self._commit_group = None
-        self.store.bytes_pending -= group.size
-        if future.cancelled() or future.exception() is not None:
-            for change in reversed(group.changes):
-                self.registry.revert(change)  # the redelivery must see the device as new
-            self.metrics.messages_rejected.inc(group.messages)
-            log.error("messages not stored; the broker will send them again",
-                      messages=group.messages, cause=str(future.exception()))
-            return
-        self.metrics.messages_accepted.inc(group.messages)
-        self.accepted += group.messages
+    # -- commits to workers --------------------------------------------------------------
 
     def _enqueued(self, dropped: dict[str, int], handed: list[Delivery]) -> None:
         """After each commit that queued deliveries: count drops, give idle workers
@@ -230,38 +159,21 @@ class Bridge:
         for rows in by_webhook.values():  # a worker that went away meanwhile
             self.store.leased.difference_update(r.id for r in rows)
 
-    def _hold(self, items: list[NewDelivery], size: int, change: DeviceChange
-              ) -> asyncio.Future[Any]:
-        """Backpressure: keep the message unacknowledged until the queue has room, so the
-        broker holds the rest (it stops sending once our receive window is full)."""
-        if not self._held:
-            log.warning("queue full: holding MQTT acknowledgements until deliveries free "
-                        "room (store.overflow: backpressure)",
-                        queued_bytes=self.store.bytes_queued, max_size=self.store.max_size)
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._held.append((items, size, change, future))
-        return future
-
-    async def _release_held(self) -> None:
-        while True:
-            await self.store.space_freed.wait()
-            self.store.space_freed.clear()
-            released = 0
-            while self._held and (self.store.has_room(self._held[0][1])
-                                  or not self._queue_in_use()):
-                items, size, change, held = self._held.popleft()
-                _chain(self._enqueue(items, size, change), held)
-                released += 1
-            if released and not self._held:
-                log.info("queue has room again: acknowledging MQTT messages")
-
-    def events_of(self, message: Message) -> list[Event]:
-        events: list[Event] = []
-        for decoder in self.decoders:
-            captures = decoder.topic.match(message.topic)
-            if captures is not None:
-                events.extend(decoder.events(message.topic, message.payload, captures))
-        return events
+    def _store_full(self, full: bool, cause: str) -> None:
+        """The disk is full (or resumed): pause MQTT intake, keeping the connection; the
+        store retries its commits with backoff and nothing is acked or sent meanwhile."""
+        self.source.pause_intake(full)
+        self.metrics.intake_paused.set(1 if full else 0)
+        if full:
+            self._full_since = time.monotonic()
+            self.metrics.intake_pauses.inc()
+            log.error("queue database cannot be written (disk full?): MQTT intake paused, "
+                      "retrying the commit with backoff", cause=cause,
+                      fix="free space on the store's filesystem; the bridge resumes on its own")
+        else:
+            paused = time.monotonic() - (self._full_since or time.monotonic())
+            log.info("queue database writable again: MQTT intake resumed",
+                     paused_s=round(paused, 1))
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -288,7 +200,8 @@ class Bridge:
                 self._start_worker(webhook, states.get(webhook.name, {}))
         self._tasks.append(asyncio.create_task(self._watch(), name="watch"))
         self._tasks.append(asyncio.create_task(self._follow(), name="follow"))
-        self._tasks.append(asyncio.create_task(self._release_held(), name="backpressure"))
+        self._tasks.append(asyncio.create_task(self.ingest.release_held(),
+                                               name="backpressure"))
         self._tasks.append(asyncio.create_task(self._expire_registrations(),
                                                name="lifetimes"))
         self._tasks.append(self.source.start())
@@ -422,9 +335,7 @@ class Bridge:
             await asyncio.sleep(delay)
             events, change = self.registry.expire(time.time())
             if events:
-                items = self._route(events)
-                size = sum(len(i.event) + ROW_OVERHEAD for i in items)
-                await self._enqueue(items, size, change)
+                await self.ingest.enqueue_events(events, change)
                 log.info("lwm2m registrations expired", devices=[e.device_id for e in events])
 
     def _reconcile_leases(self) -> None:
@@ -553,7 +464,8 @@ class Bridge:
         # The swap. New rules first: from now on messages are matched against the new
         # webhooks; a replaced or removed webhook's worker still drains what it had in
         # flight.
-        self.config, self.decoders, self.rules = new, decoders, rules
+        self.config, self.decoders = new, decoders
+        self.ingest.reconfigure(decoders, rules)
         states = await self.store.read(webhook_rows)
         for name in changed:
             await self._stop_worker(name)
@@ -680,24 +592,6 @@ def _build_error(webhook: WebhookConfig, exc: BaseException) -> str:
         return (f"webhook {webhook.name}: its TLS files do not load ({files}): "
                 f"{_describe(exc)}; fix the file or the path")
     return f"webhook {webhook.name}: {_describe(exc)}"
-
-
-def _registry_op(change: DeviceChange) -> Any:
-    return lambda conn: apply_change(conn, change, time.time())
-
-
-def _chain(source: asyncio.Future[Any], target: asyncio.Future[Any]) -> None:
-    def copy(done: asyncio.Future[Any]) -> None:
-        if target.done():
-            return
-        if done.cancelled():
-            target.cancel()
-        elif done.exception() is not None:
-            target.set_exception(done.exception())  # type: ignore[arg-type]
-        else:
-            target.set_result(done.result())
-
-    source.add_done_callback(copy)
 
 
 def _log_allocations() -> None:

@@ -428,6 +428,8 @@ class WebhookWorker:
         if self.metrics is not None:
             self.metrics.deliveries.labels(self.name, outcome.kind).inc(len(rows))
             self.metrics.attempt_seconds.labels(self.name).observe(outcome.elapsed)
+            self.metrics.activity.record(self.name, batch_id or rows[0].event_id, outcome,
+                                         len(rows))
         if outcome.kind == DELIVERED:
             self._step, self._probing = 0, False
             return self.store.delivered(self.name, [r.id for r in rows], self.clock())

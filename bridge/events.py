@@ -103,6 +103,21 @@ class Event:
     decode_error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     """Further top-level envelope fields a decoder adds (e.g. ``lwm2m``)."""
+    payload_size: int | None = None
+    """Set (and ``payload_raw`` left empty) when the payload was over ``mqtt.max_payload``."""
+    _body: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+
+    def body(self) -> dict[str, Any]:
+        """The envelope, built once and then shared by the type and label templates, the
+        JMESPath filters and the stored JSON (the ingest path's one copy)."""
+        if self._body is None:
+            self._body = self.envelope()
+        return self._body
+
+    def reassign_id(self, new_id: str) -> None:
+        self.id = new_id
+        if self._body is not None:
+            self._body["id"] = new_id
 
     def envelope(self) -> dict[str, Any]:
         """The SPEC §3 JSON object for this event (``envelope: event``)."""
@@ -117,7 +132,10 @@ class Event:
         }
         body.update(self.extra)
         if self.decode_error is not None:
-            body["payload_raw"] = base64.b64encode(self.payload_raw or b"").decode("ascii")
+            if self.payload_size is not None:
+                body["payload_size"] = self.payload_size
+            else:
+                body["payload_raw"] = base64.b64encode(self.payload_raw or b"").decode("ascii")
             body["decode_error"] = self.decode_error
         else:
             body["payload"] = self.payload
@@ -127,7 +145,7 @@ class Event:
     def from_envelope(cls, body: dict[str, Any]) -> Event:
         """Rebuild an event from its stored envelope (the inverse of :meth:`envelope`)."""
         known = {"id", "type", "source", "topic", "device_id", "received_at", "labels",
-                 "payload", "payload_raw", "decode_error"}
+                 "payload", "payload_raw", "decode_error", "payload_size"}
         raw = body.get("payload_raw")
         return cls(
             id=body["id"],
@@ -140,5 +158,6 @@ class Event:
             payload=body.get("payload"),
             payload_raw=base64.b64decode(raw) if raw is not None else None,
             decode_error=body.get("decode_error"),
+            payload_size=body.get("payload_size"),
             extra={k: v for k, v in body.items() if k not in known},
         )

@@ -3,6 +3,11 @@
 Owns the names, help texts and labels. Stages increment counters; gauges that mirror
 the store (queue depth and bytes, webhook state) are refreshed when ``/metrics`` is
 scraped, so the hot path pays for none of them.
+
+Every label value comes from the configuration or from a bounded set, never freely from
+a device (SPEC §8): an event type is its own label when the SPEC or the configuration
+names it, or while fewer than ``DYNAMIC_TYPES`` other types have been seen; any further
+type (and any type longer than ``TYPE_LABEL_MAX``) counts under ``OTHER_TYPE``.
 """
 
 from __future__ import annotations
@@ -11,12 +16,22 @@ import contextlib
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from .attempts import Activity
+
 STATES = ("ENABLED", "DISABLED", "DISABLED_DUE_TO_ERRORS")
+SPEC_TYPES = frozenset({
+    "telemetry", "alarm", "connection", "disconnection", "invalid", "device.registration",
+    "device.first_registration", "device.registration_update", "device.deregistration",
+    "device.write", "device.firmware_update", "device.created", "device.deleted"})
+DYNAMIC_TYPES = 64  # types neither the SPEC nor the configuration names, each its own label
+TYPE_LABEL_MAX = 64  # characters
+OTHER_TYPE = "other"
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self.activity = Activity()  # recent attempts and per-minute counts, for the console
         r = self.registry
         self.messages_received = Counter(
             "webhook_bridge_messages_received", "MQTT messages received", registry=r)
@@ -56,8 +71,48 @@ class Metrics:
             "webhook_bridge_store_damaged",
             "1 when a damaged queue database was moved aside at start (store.on_damage)",
             registry=r)
+        self.intake_paused = Gauge(
+            "webhook_bridge_intake_paused",
+            "1 while MQTT intake is paused because the store cannot be written (disk full)",
+            registry=r)
+        self.intake_pauses = Counter(
+            "webhook_bridge_intake_pauses",
+            "Times MQTT intake was paused because the store could not be written", registry=r)
         self.mqtt_connected = Gauge(
             "webhook_bridge_mqtt_connected", "1 while connected to the broker", registry=r)
+        self.mqtt_connects = Counter(
+            "webhook_bridge_mqtt_connects", "Connections made to the broker", registry=r)
+        self.oversized = Counter(
+            "webhook_bridge_oversized_messages",
+            "MQTT messages over mqtt.max_payload (queued as invalid events without payload)",
+            registry=r)
+        self.isolated = Counter(
+            "webhook_bridge_isolated_messages",
+            "Messages whose processing failed, queued as one invalid event", registry=r)
+        self.known_types: frozenset[str] = SPEC_TYPES
+        self._dynamic_types: set[str] = set()
+        self._event_counters: dict[tuple[str, str], Counter] = {}
+
+    def set_known_types(self, types: set[str]) -> None:
+        """Types the configuration names (fixed source types, ``type_map`` values,
+        webhook ``events`` without wildcards): always their own label."""
+        self.known_types = SPEC_TYPES | {t for t in types if len(t) <= TYPE_LABEL_MAX}
+
+    def type_label(self, type_: str) -> str:
+        if type_ in self.known_types or type_ in self._dynamic_types:
+            return type_
+        if len(type_) <= TYPE_LABEL_MAX and len(self._dynamic_types) < DYNAMIC_TYPES:
+            self._dynamic_types.add(type_)
+            return type_
+        return OTHER_TYPE
+
+    def count_event(self, source: str, type_: str) -> None:
+        counter = self._event_counters.get((source, type_))
+        if counter is None:  # labels() takes a lock and builds a key: once per pair
+            counter = self.events.labels(source, self.type_label(type_))
+            if len(self._event_counters) < 4 * (len(self.known_types) + DYNAMIC_TYPES):
+                self._event_counters[(source, type_)] = counter  # a bounded cache
+        counter.inc()
 
     def forget(self, webhook: str) -> None:
         """Drop a removed webhook's gauges (its counters stay: Prometheus expects that)."""

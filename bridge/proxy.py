@@ -89,8 +89,10 @@ def parse_proxy_url(text: str, origin: str = "proxy", *, require_port: bool = Tr
         password = urllib.parse.unquote(parts.password or "")
         authorization = "Basic " + base64.b64encode(
             f"{username}:{password}".encode()).decode("ascii")
-        # The raw (still encoded) password may appear in a URL someone logs.
-        logs.register_secrets([password, parts.password, authorization[6:]])
+        # The raw (still encoded) password may appear in a URL someone logs. Without a
+        # password the user name is the credential (a token as user name).
+        logs.register_secrets([password, parts.password, authorization[6:]] if password
+                              else [username, parts.username, authorization[6:]])
     return Proxy(host, port, authorization, username, password, origin)
 
 
@@ -102,7 +104,8 @@ def proxy_secrets(setting: str | None) -> list[str | None]:
         proxy = parse_proxy_url(setting)
     except ValueError:
         return []
-    return [proxy.password, proxy.authorization and proxy.authorization[6:]]
+    return [proxy.password or proxy.username,
+            proxy.authorization and proxy.authorization[6:]]
 
 
 def redact_proxy_url(text: str) -> str:

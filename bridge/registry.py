@@ -134,7 +134,9 @@ class Registry:
                                                     "source": event.source})
                 # Ids sort in the order events are made; device.created goes first, so
                 # it takes the (earlier) id of the event that revealed the device.
-                created.id, event.id = event.id, created.id
+                first_id = event.id
+                event.reassign_id(created.id)
+                created.reassign_id(first_id)
                 out.append(created)
             out.append(event)
             if not device:
@@ -185,6 +187,11 @@ def _derived(event: Event, type_: str, payload: Any) -> Event:
     return Event(type=type_, source=event.source, topic=event.topic,
                  device_id=event.device_id, labels=dict(event.labels), payload=payload,
                  received_at=event.received_at)
+
+
+def registry_op(change: DeviceChange) -> Any:
+    """The store operation writing ``change`` (joins the enqueue transaction)."""
+    return lambda conn: apply_change(conn, change, time.time())
 
 
 def apply_change(conn: sqlite3.Connection, change: DeviceChange, now: float) -> None:

@@ -33,6 +33,7 @@ class Rule:
             re.compile("|".join(fnmatch.translate(g) for g in webhook.events))
             if webhook.events is not None else None
         )
+        self.type_names = tuple(webhook.events or ())
         self.wants_invalid = webhook.events is not None and INVALID in webhook.events
         self.channel = webhook.channel
         self.fleets = frozenset(webhook.fleets) if webhook.fleets is not None else None
@@ -60,7 +61,7 @@ class Rule:
             return False
         if self.filter is not None:
             try:
-                return bool(self.filter.search(envelope or event.envelope()))
+                return bool(self.filter.search(envelope or event.body()))
             except jmespath.exceptions.JMESPathError:
                 return False
         return True
@@ -74,5 +75,5 @@ class RuleSet:
         self._any_filter = any(r.filter is not None for r in self.rules)
 
     def match(self, event: Event) -> list[str]:
-        envelope = event.envelope() if self._any_filter else None
+        envelope = event.body() if self._any_filter else None
         return [r.name for r in self.rules if r.matches(event, envelope)]

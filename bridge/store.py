@@ -41,6 +41,9 @@ ROW_OVERHEAD = 96  # bytes a delivery row costs beyond its event JSON (ids, time
 ID_BLOCK = 1024
 # How long a delivered mark may wait for another operation to share its commit.
 DELIVERED_COMMIT_DELAY = 0.05
+# A commit that failed for lack of space is retried after these many seconds, doubling.
+FULL_RETRY_INITIAL, FULL_RETRY_MAX = 0.1, 5.0
+_FULL_CODES = {13, 10}  # SQLITE_FULL, SQLITE_IOERR (a failed write or fsync: ENOSPC)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS deliveries (
@@ -255,6 +258,11 @@ class Store:
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self.failed = False  # the last group commit failed (disk full, I/O error)
+        # The disk is full (commits fail with SQLITE_FULL or an I/O error): operations
+        # wait and are retried; ``on_full(full, cause)`` is told when this changes.
+        self.full = False
+        self.on_full: Callable[[bool, str], None] | None = None
+        self._closing = asyncio.Event()
         self.commits = 0
         self.space_freed = asyncio.Event()
         self._freed = False
@@ -346,45 +354,79 @@ class Store:
     async def _commit_loop(self) -> None:
         assert self._wake is not None
         loop = asyncio.get_running_loop()
+        # Operations whose commit failed because the disk is full (or its writes fail):
+        # kept, with their futures unresolved, and retried with backoff. Nothing they
+        # would hand out leaves the store, and every caller simply waits (the MQTT ack,
+        # a delivered mark whose rows stay leased) until space returns.
+        carry: list[tuple[Operation, asyncio.Future[Any]]] = []
+        delay = FULL_RETRY_INITIAL
         while True:
-            await self._wake.wait()
+            if carry:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._closing.wait(), delay)
+                delay = min(delay * 2, FULL_RETRY_MAX)
+            else:
+                await self._wake.wait()
             self._wake.clear()
             if self._lazy_wake is not None:
                 self._lazy_wake.cancel()
                 self._lazy_wake = None
-            batch, self._pending = self._pending, []
+            batch, self._pending, carry = carry + self._pending, [], []
             self._enqueue_batch, self._delivered_batch = None, None
             if not batch:
                 if self._closed:
                     return
                 continue
             self._freed = False
-            enqueued = self._enqueue_batch_of(batch)
             outcomes = await loop.run_in_executor(self._write_thread, self._apply, batch)
-            if enqueued is not None and self.on_enqueued is not None:
-                try:
-                    self.on_enqueued(enqueued.dropped, enqueued.handed)
-                except Exception as exc:  # a listener must not stop the commits
-                    log.error("enqueue listener failed", cause=f"{type(exc).__name__}: {exc}")
-            if self._freed:
-                self.space_freed.set()
-            for (_, future), (ok, value) in zip(batch, outcomes):
+            full: BaseException | None = None
+            for (op, future), (ok, value) in zip(batch, outcomes):
+                owner = getattr(op, "batch", None)
+                if isinstance(owner, _EnqueueBatch):
+                    self._after_enqueue(owner, ok)
                 if future.done():
                     continue
                 if ok:
                     future.set_result(value)
+                elif _is_full(value) and not self._closed:
+                    carry.append((op, future))
+                    full = value
                 else:
                     future.set_exception(value)
+            if self._freed:
+                self.space_freed.set()
+            if full is not None:
+                log.debug("commit failed for lack of space; retrying", cause=str(full),
+                          operations=len(carry), retry_in=delay)
+            self._note_full(full)
+            if not carry:
+                delay = FULL_RETRY_INITIAL
             if self._closed:
                 self._wake.set()  # drain what came in meanwhile, then return when empty
 
-    def _enqueue_batch_of(self, batch: list[tuple[Operation, asyncio.Future[Any]]]
-                          ) -> _EnqueueBatch | None:
-        for op, _ in batch:
-            owner = getattr(op, "batch", None)
-            if isinstance(owner, _EnqueueBatch):
-                return owner
-        return None
+    def _after_enqueue(self, batch: _EnqueueBatch, ok: bool) -> None:
+        """Hand an enqueue's rows to the workers only when its commit succeeded."""
+        if not ok:
+            self.leased.difference_update(r.id for r in batch.handed)
+            batch.handed = []
+            return
+        if self.on_enqueued is not None:
+            try:
+                self.on_enqueued(batch.dropped, batch.handed)
+            except Exception as exc:  # a listener must not stop the commits
+                log.error("enqueue listener failed", cause=f"{type(exc).__name__}: {exc}")
+
+    def _note_full(self, error: BaseException | None) -> None:
+        """Enter or leave the disk-full state (one call of ``on_full`` each way)."""
+        if (error is not None) == self.full:
+            return
+        self.full = error is not None
+        self.failed = self.full
+        if self.on_full is not None:
+            try:
+                self.on_full(self.full, str(error) if error is not None else "")
+            except Exception as exc:  # a listener must not stop the commits
+                log.error("store-full listener failed", cause=f"{type(exc).__name__}: {exc}")
 
     def _apply(self, batch: list[tuple[Operation, asyncio.Future[Any]]]
                ) -> list[tuple[bool, Any]]:
@@ -416,8 +458,10 @@ class Store:
                     conn.execute("ROLLBACK")
                 self._rolled_back(conn)
                 self.failed = isinstance(exc, sqlite3.Error)
-                error = exc if not isinstance(exc, sqlite3.Error) else StoreError(
-                    f"queue database {self.path}: {exc}")
+                error = exc
+                if isinstance(exc, sqlite3.Error):
+                    error = StoreError(f"queue database {self.path}: {exc}")
+                    error.__cause__ = exc
                 outcomes.append((False, error))
         return outcomes
 
@@ -432,6 +476,7 @@ class Store:
         if self._closed:
             return
         self._closed = True
+        self._closing.set()
         if self._wake is not None and self._task is not None:
             self._wake.set()
             await self._task
@@ -802,6 +847,14 @@ def _deliveries(conn: sqlite3.Connection, ids: list[int],
     if sizes is not None:
         sizes.update(noted)
     return [found[i] for i in ids if i in found]
+
+
+def _is_full(error: BaseException) -> bool:
+    """A commit failed for lack of space (or its writes failed): worth retrying later."""
+    cause = error.__cause__ if isinstance(error, StoreError) else error
+    code = getattr(cause, "sqlite_errorcode", None)
+    return isinstance(cause, sqlite3.OperationalError) and code is not None \
+        and code & 0xFF in _FULL_CODES
 
 
 def _id_list(ids: Sequence[int]) -> tuple[str, list[int]]:

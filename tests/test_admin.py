@@ -207,8 +207,8 @@ def expected_api_hook(endpoint: Endpoint, certs: Certificates, path: str,
             "headers": {"X-Site": "plant-7"}, "auth": {"type": "bearer", "token": "***"},
             "tls": {"ca_file": str(certs.ca_file)}, "retry": {"initial": "100ms", "max": "1s"},
             "status": "ENABLED", "source": "api", "failureLimit": 10, "attemptCount": 0,
-            "lastTriggeredTs": None, "queued": 0, "delivered": 0, "failed": 0, "dead": 0,
-            "consecutiveFailures": 0, "lastError": None, **fields}
+            "lastTriggeredTs": None, "queued": 0, "inFlight": 0, "delivered": 0, "failed": 0,
+            "dead": 0, "consecutiveFailures": 0, "lastError": None, **fields}
 
 
 async def test_create_deliver_update_delete(

@@ -98,6 +98,41 @@ def test_connack_and_disconnect_properties() -> None:
     assert packets.reason_text(5, v5=False) == "not authorized"
 
 
+@given(publishes, st.lists(st.integers(1, 50), min_size=1, max_size=30),
+       st.integers(0, 200), st.booleans())
+def test_reader_reads_past_publishes_over_max_payload(
+        items: list[tuple[str, bytes, int, bool, int]], cuts: list[int], limit: int,
+        v5: bool) -> None:
+    """Whatever the split, a PUBLISH whose body is over the limit comes out as Oversized
+    (topic, mid, payload size) and the others as before; nothing over the limit is ever
+    buffered beyond its header."""
+    encoded = [packets.publish(topic, payload, qos=qos, retain=retain,
+                               mid=mid if qos else None, v5=v5)
+               for topic, payload, qos, retain, mid in items]
+    stream = b"".join(encoded)
+    reader = packets.Reader(max_payload=limit, v5=v5)
+    got: list[object] = []
+    position, index = 0, 0
+    while position < len(stream):
+        size = cuts[index % len(cuts)]
+        index += 1
+        for first, body in reader.feed(stream[position:position + size]):
+            got.append(body if isinstance(body, packets.Oversized)
+                       else packets.parse_publish(first, body, v5))
+        assert len(reader._buffer) <= 2 + 2 + 160 + 2 + 4 + 50  # a header and a read
+        position += size
+    expected: list[object] = []
+    for topic, payload, qos, retain, mid in items:
+        header = len(topic.encode()) + 2 + (2 if qos else 0) + (1 if v5 else 0)
+        body_length = header + len(payload)
+        if body_length > limit:
+            expected.append(packets.Oversized(topic, qos, retain, mid if qos else 0,
+                                              len(payload)))
+        else:
+            expected.append((topic, payload, qos, retain, mid if qos else 0))
+    assert got == expected
+
+
 def test_acks_are_four_bytes() -> None:
     assert packets.ack(packets.PUBACK, 0x1234) == b"\x40\x02\x12\x34"
     assert packets.ack(packets.PUBREC, 1) == b"\x50\x02\x00\x01"
@@ -111,12 +146,21 @@ Received = list[tuple[str, bytes, int, bool, int]]
 
 
 async def connect(broker: Mosquitto | ScriptedBroker, received: Received, client_id: str = "bridge",
-                  v5: bool = True, keepalive: int = 30) -> Connection:
+                  v5: bool = True, keepalive: int = 30, max_payload: int | None = None,
+                  oversized: list[tuple[str, int, int]] | None = None) -> Connection:
+    def on_publish(topic: str, payload: bytes, qos: int, retain: bool, mid: int,
+                   oversize: int | None) -> None:
+        if oversize is None:
+            received.append((topic, payload, qos, retain, mid))
+        else:
+            assert payload == b"" and oversized is not None
+            oversized.append((topic, oversize, mid))
+
     connection, _ = await open_connection(
         "127.0.0.1", broker.port, ssl_context=None, client_id=client_id, v5=v5,
         keepalive=keepalive, clean_start=False, username=None, password=None,
-        session_expiry=3600, receive_maximum=100,
-        on_publish=lambda *message: received.append(message))
+        session_expiry=3600, receive_maximum=100, on_publish=on_publish,
+        max_payload=max_payload)
     return connection
 
 

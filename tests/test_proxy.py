@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from bridge import http1, logs
-from bridge.config import ConfigError, load_config
+from bridge import admin, http1, logs
+from bridge.config import ConfigError, WebhookConfig, dump_webhook, load_config
+from bridge.delivery import classify_exception
 from bridge.proxy import (
     ProxyChoice,
     from_environment,
@@ -121,6 +122,9 @@ def test_proxy_url_credentials_are_decoded_and_redacted() -> None:
     # Registered for the log redaction, decoded, encoded and as the Basic value.
     text = logs.redact(f"p:ss/w0rd p%3Ass%2Fw0rd {proxy.authorization}")
     assert "w0rd" not in text and proxy.authorization[6:] not in text
+    token = parse_proxy_url("http://tok-98765@proxy.corp:3128")  # a token as user name
+    assert token.authorization == "Basic " + base64.b64encode(b"tok-98765:").decode()
+    assert "98765" not in logs.redact("user tok-98765")
     assert redact_proxy_url("http://op:secret@proxy.corp:3128") == (
         "http://op:***@proxy.corp:3128")
     assert redact_proxy_url("http://proxy.corp:3128") == "http://proxy.corp:3128"
@@ -490,3 +494,31 @@ def test_cli_test_shows_407_plainly(tmp_path: Path) -> None:
             f" 127.0.0.1:{proxy.port}" in result.stdout), result.stdout
     assert "wrong-one" not in result.stdout + result.stderr
     assert proxy.refused == ["CONNECT api.example.com:443 HTTP/1.1"]
+
+
+def test_proxy_failures_and_failure_limit() -> None:
+    """A 407 (or another 4xx to CONNECT) counts towards failure_limit, like a TLS
+    failure; an unreachable proxy or a 5xx does not, like an offline network."""
+    proxy = parse_proxy_url("http://proxy.corp:3128")
+    auth = classify_exception(http1.ProxyAuthError(proxy))
+    assert (auth.kind, auth.cause, auth.counts_as_failure) == (
+        "retry", "proxy authentication required (407) at proxy.corp:3128; put user:password"
+        " in the proxy URL", True)
+    down = classify_exception(http1.ProxyError("proxy connect failed: x"))
+    assert (down.kind, down.cause, down.counts_as_failure) == (
+        "retry", "proxy connect failed: x", False)
+    policy = classify_exception(http1.ProxyError("proxy connect failed: y", True))
+    assert (policy.kind, policy.counts_as_failure) == ("retry", True)
+
+
+def test_api_json_redacts_the_proxy_password() -> None:
+    webhook = WebhookConfig(name="cloud", url="https://api.example.com/in",
+                            proxy="http://gateway:s3cret-pw@proxy.corp:3128")
+    shown = admin.redact(dump_webhook(webhook))
+    assert shown["proxy"] == "http://gateway:***@proxy.corp:3128"
+    # A GET body sent back with PUT keeps the real password ...
+    back = admin.unredact(dict(shown), dump_webhook(webhook))
+    assert back["proxy"] == "http://gateway:s3cret-pw@proxy.corp:3128"
+    # ... and a changed proxy is taken as given.
+    changed = admin.unredact({**shown, "proxy": "http://other:pw2@p:1"}, dump_webhook(webhook))
+    assert changed["proxy"] == "http://other:pw2@p:1"

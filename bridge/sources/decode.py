@@ -12,13 +12,13 @@ templates are rendered after the type, so they may use ``{type}``.
 from __future__ import annotations
 
 import base64
-import json
 from collections.abc import Callable
 from typing import Any
 
 from ..config import SourceConfig
 from ..events import INVALID, Event, iso_now
 from ..templates import Template, TemplateError, compile_template
+from .bounds import JSONBoundError, load_json
 from .topics import TopicTemplate
 
 
@@ -28,8 +28,8 @@ class DecodeError(ValueError):
 
 def _json(data: bytes) -> Any:
     try:
-        return json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return load_json(data)
+    except JSONBoundError as exc:
         raise DecodeError(f"not JSON: {exc}") from None
 
 
@@ -69,10 +69,10 @@ class SourceDecoder:
         self.type_template: Template = compile_template(source.type)
         # A fixed type is mapped once here; a template's result is mapped per message.
         self.type_map: dict[str, str] = dict(source.type_map)
-        self._fixed_type: str | None = None
+        self.fixed_type: str | None = None
         if self.type_template.is_literal:
             fixed = self.type_template.render({})
-            self._fixed_type = self.type_map.get(fixed, fixed)
+            self.fixed_type = self.type_map.get(fixed, fixed)
         self.label_templates = {k: compile_template(v) for k, v in source.labels.items()}
         self._lwm2m: Any = None
         if source.format == "lwm2m-emqx":
@@ -85,16 +85,29 @@ class SourceDecoder:
         else:
             self._decode = _SIMPLE[source.format]
 
-    def events(self, topic: str, payload: bytes, captures: dict[str, str]) -> list[Event]:
+    def events(self, topic: str, payload: bytes, captures: dict[str, str],
+               oversize: int | None = None) -> list[Event]:
+        """The events of one message; never raises: a payload the format refuses (or
+        past a bound, or that trips a decoder bug) is one ``invalid`` event. ``oversize``
+        is the size of a payload over ``mqtt.max_payload`` that was not kept."""
         device_id = captures.get("device_id")
         labels = {k: v for k, v in captures.items() if k != "device_id"}
         received_at = iso_now()
-        if self._lwm2m is not None:
-            return self._lwm2m_events(topic, payload, device_id, labels, received_at)
+        if oversize is not None:
+            event = self._invalid(topic, b"", device_id, labels, received_at,
+                                  f"payload of {oversize} bytes is over mqtt.max_payload")
+            event.payload_size = oversize
+            return [event]
         try:
+            if self._lwm2m is not None:
+                return self._lwm2m_events(topic, payload, device_id, labels, received_at)
             decoded = self._decode(payload)  # type: ignore[misc]
         except DecodeError as exc:
             return [self._invalid(topic, payload, device_id, labels, received_at, str(exc))]
+        except Exception as exc:  # a decoder bug must not escape: name it instead
+            error = f"{self.source.format} decoder failed: {type(exc).__name__}: {exc}"
+            return [self._invalid(topic, payload, device_id, labels, received_at,
+                                  error[:300])]
         event = Event(type="", source=self.source.name, topic=topic, payload=decoded,
                       device_id=device_id, labels=labels, received_at=received_at)
         return [self._finish(event, payload)]
@@ -119,15 +132,15 @@ class SourceDecoder:
     def _finish(self, event: Event, raw: bytes, keep_type: bool = False) -> Event:
         """Apply the type template and ``type_map``, then the label templates; a template
         the payload cannot fill makes the event ``invalid`` rather than losing it."""
-        if self._fixed_type is not None and not self.label_templates:
+        if self.fixed_type is not None and not self.label_templates:
             if not keep_type:
-                event.type = self._fixed_type
+                event.type = self.fixed_type
             return event  # the common case: nothing to render, no envelope to build
-        context = event.envelope()
+        context = event.body()
         try:
             if not keep_type:
-                if self._fixed_type is not None:
-                    event.type = self._fixed_type
+                if self.fixed_type is not None:
+                    event.type = self.fixed_type
                 else:
                     rendered = self.type_template.render(context)
                     event.type = self.type_map.get(rendered, rendered)

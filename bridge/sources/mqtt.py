@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import random
 import ssl
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ log = structlog.get_logger("bridge.mqtt")
 
 RECEIVE_MAXIMUM = 1000  # unacknowledged messages the broker may send us (MQTT 5)
 RESUME_BELOW = RECEIVE_MAXIMUM // 4
+STABLE_AFTER = 30.0  # seconds a connection must last before the reconnect backoff resets
 
 
 @dataclass(slots=True)
@@ -39,6 +41,9 @@ class Message:
     payload: bytes
     qos: int
     retain: bool
+    oversize: int | None = None
+    """The payload's size when it was over ``mqtt.max_payload`` (``payload`` is then
+    empty: it was read past, never held)."""
 
 
 Handler = Callable[[Message], "asyncio.Future[Any]"]
@@ -53,10 +58,11 @@ class _Session:
         self.pending: deque[tuple[asyncio.Future[Any], int, int]] = deque()
         self.watched: asyncio.Future[Any] | None = None
 
-    def take(self, topic: str, payload: bytes, qos: int, retain: bool, mid: int) -> None:
+    def take(self, topic: str, payload: bytes, qos: int, retain: bool, mid: int,
+             oversize: int | None) -> None:
         source = self.source
         source.received += 1
-        future = source.handler(Message(topic, payload, qos, retain))
+        future = source.handler(Message(topic, payload, qos, retain, oversize))
         if not qos:
             return
         self.pending.append((future, mid, qos))
@@ -84,7 +90,7 @@ class _Session:
                 connection.ack(mid, qos)
                 self.source.acked += 1
         if connection.reading_paused and len(pending) < RESUME_BELOW \
-                and not self.source._stopping:
+                and not self.source._stopping and not self.source.intake_paused:
             connection.resume_reading()
 
 
@@ -99,12 +105,18 @@ class MqttSource:
         self.connected = asyncio.Event()
         self.received = 0
         self.acked = 0
+        self.connects = 0
+        self.on_connected: Callable[[], None] | None = None  # e.g. a metric
         self._connection: Connection | None = None
         self._stopping = False
         self._retained: dict[str, bytes] = {}
         self._task: asyncio.Task[None] | None = None
         self._stop_requested = asyncio.Event()
         self._drain: Callable[[], Any] | None = None
+        # Intake paused by the daemon (the store's disk is full): the socket is not read,
+        # the connection and its keepalive stay, and the broker holds what we do not read.
+        self.intake_paused = False
+        self._session: _Session | None = None
 
     def subscription(self, topic_filter: str) -> str:
         group = self.config.shared_group
@@ -119,9 +131,10 @@ class MqttSource:
         v5 = cfg.protocol == "5"
         session: _Session | None = None
 
-        def on_publish(topic: str, payload: bytes, qos: int, retain: bool, mid: int) -> None:
+        def on_publish(topic: str, payload: bytes, qos: int, retain: bool, mid: int,
+                       oversize: int | None) -> None:
             assert session is not None
-            session.take(topic, payload, qos, retain, mid)
+            session.take(topic, payload, qos, retain, mid, oversize)
 
         # The session exists before CONNECT: a resumed session's queued messages may
         # arrive in the same read as the CONNACK.
@@ -134,8 +147,9 @@ class MqttSource:
             v5=v5, keepalive=cfg.keepalive, clean_start=False, username=cfg.username,
             password=cfg.password, session_expiry=cfg.session_expiry,
             receive_maximum=RECEIVE_MAXIMUM, on_publish=on_publish,
-            on_made=make_session)
+            on_made=make_session, max_payload=cfg.max_payload)
         assert session is not None
+        self._session = session
         return connection, session
 
     async def run(self) -> None:
@@ -149,13 +163,20 @@ class MqttSource:
                           port=self.config.port, cause=_describe(exc),
                           retry_in=round(delay, 1))
             else:
-                delay = 1.0
                 self._connection = connection
+                self.connects += 1
+                if self.on_connected is not None:
+                    self.on_connected()
+                since = time.monotonic()
                 try:
                     await self._serve(connection, session)
                 except MqttError as exc:
                     if self._stopping:
                         break
+                    # Only a connection that held resets the backoff: one the broker
+                    # drops at once (ACL, takeover, a bug) must not make a tight loop.
+                    if time.monotonic() - since >= STABLE_AFTER:
+                        delay = 1.0
                     log.warning("mqtt connection lost", host=self.config.host,
                                 port=self.config.port, cause=str(exc),
                                 retry_in=round(delay, 1))
@@ -174,6 +195,8 @@ class MqttSource:
         log.info("mqtt connected", host=self.config.host, port=self.config.port,
                  client_id=self.config.client_id, subscriptions=len(self.filters))
         self.connected.set()
+        if self.intake_paused:
+            connection.pause_reading()
         for topic, payload in list(self._retained.items()):
             await connection.publish(topic, payload, retain=True)
         stop = asyncio.ensure_future(self._stop_requested.wait())
@@ -234,6 +257,19 @@ class MqttSource:
             log.warning("mqtt subscription change failed; applied on reconnect",
                         cause=str(exc))
         log.info("mqtt subscriptions changed", added=[f for f, _ in added], removed=removed)
+
+    def pause_intake(self, paused: bool) -> None:
+        """Stop (or start again) reading messages, keeping the connection."""
+        self.intake_paused = paused
+        connection, session = self._connection, self._session
+        if connection is None or connection.closed.done():
+            return
+        if paused:
+            connection.pause_reading()
+        elif session is not None and session.connection is connection:
+            session.settled()  # resumes reading unless too many messages still wait
+        else:
+            connection.resume_reading()
 
     def start(self) -> asyncio.Task[None]:
         self._task = asyncio.create_task(self.run(), name="mqtt-source")

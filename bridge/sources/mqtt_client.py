@@ -11,6 +11,9 @@ called (after the SQLite commit). QoS 2 is received with the PUBREC held back th
 way, so the broker keeps a message until it is stored. Keepalive pings are sent while
 nothing else is; a missing PINGRESP counts only while we are reading the socket (a
 bridge that pauses reading for backpressure is not a dead connection).
+
+A PUBLISH over ``max_payload`` is read past, never held (:class:`packets.Reader`), and
+handed on with an empty payload and its size, to be acknowledged like any message.
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ import ssl
 from collections.abc import Callable
 
 from . import mqtt_packets as packets
-from .mqtt_packets import Connack, ProtocolError
+from .mqtt_packets import Connack, Oversized, ProtocolError
 
-PublishHandler = Callable[[str, bytes, int, bool, int], None]  # topic payload qos retain mid
+# topic, payload, qos, retain, mid, and the payload's size when it was over max_payload
+PublishHandler = Callable[[str, bytes, int, bool, int, "int | None"], None]
 
 
 class MqttError(Exception):
@@ -32,7 +36,8 @@ class MqttError(Exception):
 class Connection(asyncio.Protocol):
     """An MQTT 3.1.1 or 5 client connection; see the module docstring."""
 
-    def __init__(self, v5: bool, keepalive: int, on_publish: PublishHandler) -> None:
+    def __init__(self, v5: bool, keepalive: int, on_publish: PublishHandler,
+                 max_payload: int | None = None) -> None:
         self.v5 = v5
         self.keepalive = keepalive
         self.on_publish = on_publish
@@ -41,7 +46,7 @@ class Connection(asyncio.Protocol):
         self.closed: asyncio.Future[None] = self.loop.create_future()
         self.connack: asyncio.Future[Connack] = self.loop.create_future()
         self.reading_paused = False
-        self._reader = packets.Reader()
+        self._reader = packets.Reader(max_payload=max_payload, v5=v5)
         self._waiting: dict[int, asyncio.Future[list[int]]] = {}
         self._next_mid = 0
         self._out = bytearray()
@@ -62,8 +67,11 @@ class Connection(asyncio.Protocol):
             for first_byte, body in self._reader.feed(data):
                 if self.closed.done():
                     return  # failed while handling an earlier packet of this read
-                if first_byte >> 4 == packets.PUBLISH:
-                    self.on_publish(*packets.parse_publish(first_byte, body, self.v5))
+                if isinstance(body, Oversized):
+                    self.on_publish(body.topic, b"", body.qos, body.retain, body.mid,
+                                    body.size)
+                elif first_byte >> 4 == packets.PUBLISH:
+                    self.on_publish(*packets.parse_publish(first_byte, body, self.v5), None)
                 else:
                     self._control_packet(first_byte >> 4, body)
         except ProtocolError as exc:
@@ -239,13 +247,14 @@ async def open_connection(host: str, port: int, *, ssl_context: ssl.SSLContext |
                           username: str | None, password: str | None, session_expiry: int,
                           receive_maximum: int, on_publish: PublishHandler,
                           on_made: Callable[[Connection], None] | None = None,
-                          timeout: float = 10.0) -> tuple[Connection, Connack]:
+                          timeout: float = 10.0, max_payload: int | None = None
+                          ) -> tuple[Connection, Connack]:
     """Connect and wait for the CONNACK; raises :class:`MqttError` if refused.
     ``on_made`` sees the connection before any packet arrives."""
     loop = asyncio.get_running_loop()
 
     def make() -> Connection:
-        connection = Connection(v5, keepalive, on_publish)
+        connection = Connection(v5, keepalive, on_publish, max_payload)
         if on_made is not None:
             on_made(connection)
         return connection

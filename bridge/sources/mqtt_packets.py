@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 CONNECT, CONNACK, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP = 1, 2, 3, 4, 5, 6, 7
 SUBSCRIBE, SUBACK, UNSUBSCRIBE, UNSUBACK, PINGREQ, PINGRESP, DISCONNECT, AUTH = range(8, 16)
@@ -162,21 +163,98 @@ def disconnect(*, v5: bool) -> bytes:
 
 # -- decoding ---------------------------------------------------------------------------
 
+@dataclass(slots=True)
+class Oversized:
+    """A PUBLISH whose body was over the reader's ``max_payload``: its header was read,
+    its payload skipped as it arrived (never held). ``size`` is the payload's size."""
+
+    topic: str
+    qos: int
+    retain: bool
+    mid: int
+    size: int
+
+
+def _oversized_head(first_byte: int, buffer: bytearray, start: int, end: int, length: int,
+                    v5: bool) -> tuple[Oversized, int] | None:
+    """The header of an over-limit PUBLISH whose body starts at ``start`` (topic, packet
+    id, the properties' length: at most 65,543 bytes), and the header's size; None while
+    those bytes have not all arrived. The properties themselves are skipped unread."""
+    if end - start < 2:
+        return None
+    qos = (first_byte >> 1) & 0x03
+    if qos == 3:
+        raise ProtocolError("PUBLISH with QoS 3")
+    offset = start + 2 + ((buffer[start] << 8) | buffer[start + 1])
+    if qos:
+        offset += 2
+    if offset > end:
+        return None if offset - start <= length else _truncated()
+    try:
+        topic = bytes(buffer[start + 2:offset - (2 if qos else 0)]).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ProtocolError("PUBLISH topic is not UTF-8") from exc
+    mid = (buffer[offset - 2] << 8) | buffer[offset - 1] if qos else 0
+    if v5:
+        properties, shift = 0, 0
+        while True:
+            if offset >= end:
+                return None
+            byte = buffer[offset]
+            offset += 1
+            properties |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                break
+            shift += 7
+            if shift > 21:
+                raise ProtocolError("malformed variable byte integer")
+        offset += properties
+    head = offset - start
+    if head > length:
+        _truncated()
+    return Oversized(topic, qos, bool(first_byte & 0x01), mid, length - head), head
+
+
+def _truncated() -> NoReturn:
+    raise ProtocolError("truncated PUBLISH")
+
+
 class Reader:
     """Cuts a byte stream into packets: ``feed`` returns ``(first_byte, body)`` for every
-    packet completed by the new bytes."""
+    packet completed by the new bytes.
 
-    __slots__ = ("_buffer", "max_size")
+    A PUBLISH whose body is longer than ``max_payload`` is not buffered: once its header
+    is in, the rest of its bytes are dropped as they arrive, and ``feed`` returns
+    ``(first_byte, Oversized(...))`` when the last of them has passed (not before: a
+    connection lost halfway must not have the message taken, the broker sends it again).
+    """
 
-    def __init__(self, max_size: int = MAX_REMAINING) -> None:
+    __slots__ = ("_buffer", "_pending", "_skip", "max_payload", "max_size", "v5")
+
+    def __init__(self, max_size: int = MAX_REMAINING, max_payload: int | None = None,
+                 v5: bool = False) -> None:
         self._buffer = bytearray()
         self.max_size = max_size
+        self.max_payload = max_payload
+        self.v5 = v5
+        self._skip = 0  # bytes of an oversized PUBLISH still to drop
+        self._pending: tuple[int, Oversized] | None = None
 
-    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+    def feed(self, data: bytes) -> list[tuple[int, bytes | Oversized]]:
+        packets: list[tuple[int, bytes | Oversized]] = []
+        if self._skip:
+            dropped = min(self._skip, len(data))
+            self._skip -= dropped
+            data = data[dropped:]  # a copy of what is left of this read only
+            if self._skip:
+                return packets
+            assert self._pending is not None
+            packets.append(self._pending)
+            self._pending = None
         buffer = self._buffer
         buffer += data
-        packets: list[tuple[int, bytes]] = []
         position, end = 0, len(buffer)
+        limit = self.max_payload
         while end - position >= 2:
             length, multiplier, index, complete = 0, 1, position + 1, False
             while index < end:
@@ -193,9 +271,23 @@ class Reader:
                 break  # the length itself is not complete yet
             if length > self.max_size:
                 raise ProtocolError(f"packet of {length} bytes exceeds the limit")
+            first = buffer[position]
+            if limit is not None and length > limit and first >> 4 == PUBLISH:
+                head = _oversized_head(first, buffer, index, end, length, self.v5)
+                if head is None:
+                    break  # wait for the rest of the header
+                oversized, _ = head
+                if index + length <= end:  # all of it came in this read
+                    packets.append((first, oversized))
+                    position = index + length
+                    continue
+                self._skip = index + length - end
+                self._pending = (first, oversized)
+                position = end
+                break
             if index + length > end:
                 break
-            packets.append((buffer[position], bytes(buffer[index:index + length])))
+            packets.append((first, bytes(buffer[index:index + length])))
             position = index + length
         if position:
             del buffer[:position]

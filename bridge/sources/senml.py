@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import math
 import re
 import time
@@ -44,6 +43,8 @@ from decimal import Decimal
 from typing import Any
 
 import cbor2
+
+from .bounds import JSONBoundError, load_json
 
 __all__ = [
     "CBOR_LABELS",
@@ -132,28 +133,16 @@ def lwm2m_path_in_name(name: str) -> dict[str, Any] | None:
 # --- shared JSON parsing -----------------------------------------------------------------
 
 
-def _reject_constant(name: str) -> Any:
-    raise DecodeError(f"{name} is not a JSON number")
-
-
-def _finite_float(text: str) -> float:
-    number = float(text)
-    if not math.isfinite(number):
-        raise DecodeError(f"number {text[:40]} is out of range")
-    return number
-
-
 def strict_json(data: bytes, what: str) -> Any:
-    """UTF-8 JSON without NaN/Infinity, every failure a DecodeError naming ``what``."""
+    """UTF-8 JSON within the bounds of :mod:`bridge.sources.bounds` (no NaN/Infinity),
+    every failure a DecodeError naming ``what``."""
     try:
-        text = bytes(data).decode("utf-8")
+        bytes(data).decode("utf-8")
     except UnicodeDecodeError as exc:
         raise DecodeError(f"{what} is not UTF-8: {exc.reason} at byte {exc.start}") from exc
     try:
-        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
-    except DecodeError as exc:
-        raise DecodeError(f"{what}: {exc}") from exc
-    except (ValueError, RecursionError) as exc:
+        return load_json(data)
+    except JSONBoundError as exc:
         raise DecodeError(f"{what} is not valid JSON: {exc}") from exc
 
 

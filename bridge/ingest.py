@@ -1,0 +1,240 @@
+"""Ingest: one MQTT message -> its deliveries, committed; the isolation boundary.
+
+Owns the per-message path, in one place and in this order: decode (the sources whose
+topic matches), registry (the lifecycle events the message implies), match (which
+webhooks want each event), stored form (each event's JSON, built once), enqueue (one
+operation of the store's next group commit, whose future releases the MQTT ack), and
+the queue quota's backpressure (``store.overflow: backpressure`` holds the ack).
+
+:meth:`Ingest.take` is the only entry and the isolation boundary of SPEC §8: whatever
+fails in those steps for one message (a decoder bug, a hostile payload past a bound, a
+value the JSON encoder refuses, a RecursionError or MemoryError) makes that message one
+``invalid`` event naming the failure, committed and acknowledged like any other. No
+exception from the per-message path ever reaches the MQTT connection, so no device can
+make the bridge reconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from .events import INVALID, Event, dumps
+from .metrics import Metrics
+from .registry import DeviceChange, Registry, registry_op
+from .rules import RuleSet
+from .sources.decode import SourceDecoder
+from .sources.mqtt import Message
+from .store import ROW_OVERHEAD, NewDelivery, Store
+
+log = structlog.get_logger("bridge.ingest")
+
+
+@dataclass(slots=True)
+class _CommitGroup:
+    """The messages whose deliveries one group commit stores."""
+
+    future: asyncio.Future[Any]
+    messages: int = 0
+    size: int = 0
+    changes: list[DeviceChange] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Held:
+    items: list[NewDelivery]
+    size: int
+    change: DeviceChange | None
+    future: asyncio.Future[Any]
+
+
+class Ingest:
+    """The per-message path for one configuration's sources and rules.
+
+    ``decoders`` and ``rules`` are replaced on a live reload (:meth:`reconfigure`); the
+    registry, the store and the metrics live as long as the bridge.
+    """
+
+    def __init__(self, decoders: list[SourceDecoder], rules: RuleSet, registry: Registry,
+                 store: Store, metrics: Metrics, backpressure: bool) -> None:
+        self.decoders = decoders
+        self.rules = rules
+        self.registry = registry
+        self.store = store
+        self.metrics = metrics
+        self.backpressure = backpressure
+        self.accepted = 0
+        self.isolated = 0  # messages the boundary turned into `invalid` events
+        self._held: deque[_Held] = deque()
+        self._commit_group: _CommitGroup | None = None
+        metrics.set_known_types(_configured_types(decoders, rules))
+
+    def reconfigure(self, decoders: list[SourceDecoder], rules: RuleSet) -> None:
+        self.decoders, self.rules = decoders, rules
+        self.metrics.set_known_types(_configured_types(decoders, rules))
+
+    # -- the boundary -------------------------------------------------------------------
+
+    def take(self, message: Message) -> asyncio.Future[Any]:
+        """Decode, register, match and queue ``message``; the returned future resolves
+        once its deliveries are committed (the MQTT ack waits on it). Never raises for
+        anything the message contains."""
+        self.metrics.messages_received.inc()
+        if message.oversize is not None:
+            self.metrics.oversized.inc()
+        change: DeviceChange | None = None
+        try:
+            events = self.decode(message)
+            events, change = self.registry.observe(events)
+            items = self.route(events)
+        except Exception as exc:  # the isolation boundary: see the module docstring
+            if change:
+                self.registry.revert(change)
+            items, change = self._isolated(message, exc)
+        return self.queue(items, change)
+
+    def _isolated(self, message: Message, exc: BaseException
+                  ) -> tuple[list[NewDelivery], DeviceChange | None]:
+        """The message as one ``invalid`` event naming the step that failed."""
+        self.isolated += 1
+        self.metrics.isolated.inc()
+        error = f"message could not be processed: {type(exc).__name__}: {str(exc)[:200]}"
+        log.warning("message isolated as an invalid event", topic=message.topic[:200],
+                    size=len(message.payload), cause=error)
+        decoder = next((d for d in self.decoders if d.topic.match(message.topic) is not None),
+                       None)
+        source = decoder.source.name if decoder is not None else ""
+        event = Event(type=INVALID, source=source, topic=message.topic,
+                      payload_raw=message.payload, decode_error=error)
+        try:  # no registry step: the device id is what may have failed
+            return self.route([event]), None
+        except Exception as again:  # a broken rule: still commit and ack the message
+            log.error("invalid event not routed", cause=f"{type(again).__name__}: {again}")
+            return [], None
+
+    # -- the steps ----------------------------------------------------------------------
+
+    def decode(self, message: Message) -> list[Event]:
+        events: list[Event] = []
+        for decoder in self.decoders:
+            captures = decoder.topic.match(message.topic)
+            if captures is not None:
+                events.extend(decoder.events(message.topic, message.payload, captures,
+                                             message.oversize))
+        return events
+
+    def route(self, events: list[Event]) -> list[NewDelivery]:
+        """One delivery per event and matching webhook, carrying the event's JSON (the
+        envelope is built once per event: the same dict serves the filter and the body)."""
+        items: list[NewDelivery] = []
+        for event in events:
+            self.metrics.count_event(event.source, event.type)
+            names = self.rules.match(event)
+            if not names:
+                continue
+            body = dumps(event.body())
+            items.extend(NewDelivery(n, event.id, event.device_id, body) for n in names)
+        return items
+
+    # -- enqueue and backpressure ---------------------------------------------------------
+
+    def queue(self, items: list[NewDelivery], change: DeviceChange | None
+              ) -> asyncio.Future[Any]:
+        size = sum(len(i.event) + ROW_OVERHEAD for i in items)
+        if self._held or (items and self.backpressure and not self.store.has_room(size)
+                          and self._queue_in_use()):
+            return self._hold(items, size, change)
+        return self._enqueue(items, size, change)
+
+    def enqueue_events(self, events: list[Event], change: DeviceChange | None
+                       ) -> asyncio.Future[Any]:
+        """Queue events no message carries (registrations that expired)."""
+        items = self.route(events)
+        return self._enqueue(items, sum(len(i.event) + ROW_OVERHEAD for i in items), change)
+
+    def _queue_in_use(self) -> bool:
+        return bool(self.store.bytes_queued or self.store.bytes_pending)
+
+    def _enqueue(self, items: list[NewDelivery], size: int, change: DeviceChange | None
+                 ) -> asyncio.Future[Any]:
+        self.store.bytes_pending += size
+        future = self.store.enqueue(items, registry_op(change) if change else None)
+        # Messages stored by one commit share its future: account for them together.
+        group = self._commit_group
+        if group is None or group.future is not future:
+            group = self._commit_group = _CommitGroup(future)
+            future.add_done_callback(lambda f, g=group: self._committed(f, g))
+        group.messages += 1
+        group.size += size
+        if change:
+            group.changes.append(change)
+        return future
+
+    def _committed(self, future: asyncio.Future[Any], group: _CommitGroup) -> None:
+        if self._commit_group is group:
+            self._commit_group = None
+        self.store.bytes_pending -= group.size
+        if future.cancelled() or future.exception() is not None:
+            for change in reversed(group.changes):
+                self.registry.revert(change)  # the redelivery must see the device as new
+            self.metrics.messages_rejected.inc(group.messages)
+            log.error("messages not stored; the broker will send them again",
+                      messages=group.messages, cause=str(future.exception()))
+            return
+        self.metrics.messages_accepted.inc(group.messages)
+        self.accepted += group.messages
+
+    def _hold(self, items: list[NewDelivery], size: int, change: DeviceChange | None
+              ) -> asyncio.Future[Any]:
+        """Backpressure: keep the message unacknowledged until the queue has room, so the
+        broker holds the rest (it stops sending once our receive window is full)."""
+        if not self._held:
+            log.warning("queue full: holding MQTT acknowledgements until deliveries free "
+                        "room (store.overflow: backpressure)",
+                        queued_bytes=self.store.bytes_queued, max_size=self.store.max_size)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._held.append(_Held(items, size, change, future))
+        return future
+
+    async def release_held(self) -> None:
+        """Runs for the bridge's life: enqueue held messages as deliveries free room."""
+        while True:
+            await self.store.space_freed.wait()
+            self.store.space_freed.clear()
+            released = 0
+            while self._held and (self.store.has_room(self._held[0].size)
+                                  or not self._queue_in_use()):
+                held = self._held.popleft()
+                _chain(self._enqueue(held.items, held.size, held.change), held.future)
+                released += 1
+            if released and not self._held:
+                log.info("queue has room again: acknowledging MQTT messages")
+
+
+def _configured_types(decoders: list[SourceDecoder], rules: RuleSet) -> set[str]:
+    types: set[str] = set()
+    for decoder in decoders:
+        types.update(decoder.type_map.values())
+        if decoder.fixed_type is not None:
+            types.add(decoder.fixed_type)
+    for rule in rules.rules:
+        types.update(t for t in rule.type_names if not any(c in t for c in "*?["))
+    return types
+
+
+def _chain(source: asyncio.Future[Any], target: asyncio.Future[Any]) -> None:
+    def copy(done: asyncio.Future[Any]) -> None:
+        if target.done():
+            return
+        if done.cancelled():
+            target.cancel()
+        elif done.exception() is not None:
+            target.set_exception(done.exception())  # type: ignore[arg-type]
+        else:
+            target.set_result(done.result())
+
+    source.add_done_callback(copy)
