@@ -345,6 +345,7 @@ def _delete_device(config: Config, conn: sqlite3.Connection, device: dict[str, A
             [(n, event.id, event.device_id, body, len(body) + ROW_OVERHEAD, now, now)
              for n in names])
         conn.execute("DELETE FROM devices WHERE id = ?", (device["id"],))
+        conn.execute("DELETE FROM firmware WHERE device = ?", (device["id"],))
         bump_generation(conn)
     return len(names)
 

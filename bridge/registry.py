@@ -4,9 +4,13 @@ Owns the lifecycle events no single message carries: ``device.created`` the firs
 device id appears on any source, ``device.first_registration`` the first time an LwM2M
 endpoint registers, ``device.deregistration`` (reason ``lifetime_expired``) when a
 registration's lifetime passes with no update (EMQX publishes nothing on deregister), and
-``device.deleted`` when an operator deletes a device. The registry's rows live in the
-store's ``devices`` table and are written in the same transaction as the deliveries of
-the message that changed them, so a crash can neither lose nor invent one of these events.
+``device.deleted`` when an operator deletes a device, and ``device.firmware_update``
+from the LwM2M Firmware Update object (5), whose progress is tracked per device whichever
+source carried it (EMQX publishes Object 5 notifications on their own topic,
+``<mountpoint>/v1/up/dm``). The registry's rows live in the store's ``devices`` and
+``firmware`` tables and are written in the same transaction as the deliveries of the
+message that changed them, so a crash or restart can neither lose nor invent one of these
+events.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .events import Event, dumps
-from .sources.lwm2m import RegistrationTracker
+from .sources.lwm2m import FirmwareTracker, RegistrationTracker
 
 CREATED = "device.created"
 REGISTRATION = "device.registration"
@@ -26,6 +30,10 @@ FIRST_REGISTRATION = "device.first_registration"
 REGISTRATION_UPDATE = "device.registration_update"
 DEREGISTRATION = "device.deregistration"
 DELETED = "device.deleted"
+FIRMWARE_UPDATE = "device.firmware_update"
+
+FirmwareKey = tuple[str, int]  # (device, Object 5 instance)
+FirmwareProgress = tuple[int | None, int | None, bool] | None  # (state, result, armed)
 
 
 @dataclass
@@ -36,12 +44,14 @@ class DeviceChange:
     registered: dict[str, int | None] = field(default_factory=dict)  # id -> lifetime
     deregistered: set[str] = field(default_factory=set)
     first_registered: set[str] = field(default_factory=set)  # memory only (for revert)
+    firmware: dict[FirmwareKey, FirmwareProgress] = field(default_factory=dict)  # after
+    firmware_before: dict[FirmwareKey, FirmwareProgress] = field(default_factory=dict)
     applied: bool = False
     """Set by :func:`apply_change` (in the store's writer thread); until then the change is
     certainly not in the database."""
 
     def __bool__(self) -> bool:
-        return bool(self.seen or self.registered or self.deregistered)
+        return bool(self.seen or self.registered or self.deregistered or self.firmware)
 
 
 class Registry:
@@ -61,6 +71,7 @@ class Registry:
         self.sources: dict[str, tuple[str, str]] = {}
         self.labels: dict[str, dict[str, str]] = {}  # the last labels seen (memory only)
         self.lifetimes = RegistrationTracker()
+        self.firmware = FirmwareTracker()
         self._lock = threading.RLock()
         self._loaded = False
         # Changes that introduced devices and may not be committed yet: load() must not
@@ -81,6 +92,9 @@ class Registry:
                         self.ever_registered.add(device)
                     if registered and lifetime:
                         self.lifetimes.register(device, lifetime, last or now)
+                for device, instance, state, result, armed in conn.execute(
+                        "SELECT device, instance, state, result, armed FROM firmware"):
+                    self.firmware.restore(device, instance, (state, result, bool(armed)))
                 return
             present = {row[0] for row in rows}
             self._unsettled = [c for c in self._unsettled if not c.applied]
@@ -102,6 +116,7 @@ class Registry:
             self.sources.pop(device, None)
             self.labels.pop(device, None)
             self.lifetimes.deregister(device)
+            self.firmware.forget(device)
 
     def revert(self, change: DeviceChange) -> None:
         """Undo what :meth:`observe` did for ``change`` when its transaction failed (the
@@ -110,6 +125,8 @@ class Registry:
             for device in change.seen:
                 self.known.discard(device)
             self.ever_registered -= change.first_registered
+            for (device, instance), saved in change.firmware_before.items():
+                self.firmware.restore(device, instance, saved)
 
     def observe(self, events: list[Event]) -> tuple[list[Event], DeviceChange]:
         """The events plus the lifecycle events they imply, and the registry change."""
@@ -141,6 +158,8 @@ class Registry:
             out.append(event)
             if not device:
                 continue
+            if event.type == "telemetry" and "lwm2m" in event.extra:
+                self._firmware(event, device, change, out)
             self.sources[device] = (event.source, event.topic)
             self.labels[device] = event.labels
             if event.type in (REGISTRATION, REGISTRATION_UPDATE):
@@ -158,6 +177,29 @@ class Registry:
                 self.lifetimes.deregister(device)
                 change.deregistered.add(device)
         return out, change
+
+    def _firmware(self, event: Event, device: str, change: DeviceChange,
+                  out: list[Event]) -> None:
+        """Feed an LwM2M telemetry event's Object 5 values to the firmware tracker; the
+        event that completes an update is followed by its ``device.firmware_update``."""
+        values = event.payload.get("values") if isinstance(event.payload, dict) else None
+        if not isinstance(values, list):
+            return
+        instances = {v.get("instance") for v in values if isinstance(v, dict)
+                     and v.get("object") == 5 and isinstance(v.get("instance"), int)}
+        if not instances:
+            return
+        for instance in instances:
+            change.firmware_before.setdefault((device, instance),
+                                              self.firmware.progress(device, instance))
+        completed = self.firmware.feed(device, values)
+        for instance in instances:
+            change.firmware[(device, instance)] = self.firmware.progress(device, instance)
+        if completed is not None:
+            out.append(Event(type=FIRMWARE_UPDATE, source=event.source, topic=event.topic,
+                             device_id=device, labels=dict(event.labels),
+                             payload=completed.payload, received_at=event.received_at,
+                             extra={"lwm2m": completed.lwm2m}))
 
     def expire(self, now: float) -> tuple[list[Event], DeviceChange]:
         """Deregistration events for registrations whose lifetime has passed."""
@@ -205,6 +247,13 @@ def apply_change(conn: sqlite3.Connection, change: DeviceChange, now: float) -> 
                      (lifetime, now, device))
     for device in change.deregistered:
         conn.execute("UPDATE devices SET registered = 0 WHERE id = ?", (device,))
+    for (device, instance), saved in change.firmware.items():
+        if saved is None:
+            conn.execute("DELETE FROM firmware WHERE device = ? AND instance = ?",
+                         (device, instance))
+        else:
+            conn.execute("INSERT OR REPLACE INTO firmware (device, instance, state, result,"
+                         " armed) VALUES (?, ?, ?, ?, ?)", (device, instance, *saved))
     change.applied = True
 
 

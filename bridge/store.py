@@ -105,6 +105,15 @@ CREATE TABLE IF NOT EXISTS devices (
     lifetime INTEGER,
     last_registration REAL
 );
+-- LwM2M firmware update progress (Object 5) per device and instance: see registry.py
+CREATE TABLE IF NOT EXISTS firmware (
+    device TEXT NOT NULL,
+    instance INTEGER NOT NULL,
+    state INTEGER,
+    result INTEGER,
+    armed INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (device, instance)
+);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 """
 SCHEMA_VERSION = "1"

@@ -229,11 +229,11 @@ function detailView(name) {
   const charts = h("div", { class: "charts" });
   const attemptsBody = h("tbody");
   const deadBody = h("tbody");
-  const deadInfo = h("p", { class: "muted" });
+  const deadInfo = h("p", { class: "muted", id: "dead-info" });
   const inspect = h("div", { class: "inspect", hidden: true });
   const root = h("section", { "aria-labelledby": "detail-title" },
     h("p", {}, h("a", { href: "#/", text: "← All webhooks" })),
-    h("div", { class: "bar" }, title, badge), reason, message, actions, secretBox, counters,
+    h("div", { class: "bar start" }, title, badge), reason, message, actions, secretBox, counters,
     h("h2", { text: "Last hour" }), charts,
     h("h2", { text: "Recent attempts" }),
     h("div", { class: "table-wrap" }, h("table", { id: "attempts" },
@@ -246,7 +246,7 @@ function detailView(name) {
                     text: "Replay all" }),
       h("button", { type: "button", id: "purge-all", class: "danger", onclick: purgeAll,
                     text: "Purge all" })),
-    h("div", { class: "table-wrap" }, h("table", { id: "dead" },
+    h("div", { class: "table-wrap", id: "dead-wrap" }, h("table", { id: "dead" },
       h("thead", {}, h("tr", {}, ["Id", "Event id", "Died", "Attempts", "Status", "Reason",
                                    ""].map((t) => h("th", { scope: "col", text: t })))),
       deadBody)),
@@ -381,6 +381,7 @@ function detailView(name) {
                         text: "Replay", onclick: () => replay(d.id) })))));
     }
     $("replay-all").disabled = $("purge-all").disabled = dead.total === 0;
+    $("dead-wrap").hidden = dead.total === 0;
   }
   return { root, refresh, live: true };
 }
@@ -667,7 +668,8 @@ function makeField([key, label, kind, options, showWhen, initial], fields, error
     fields[key] = input;
     input.addEventListener("input", () => syncBoxes(input));
     return h("div", { class: "field" },
-      h("label", { for: id, text: label + " (comma separated; globs such as device.* allowed)" }),
+      h("label", { for: id, text: label + (kind === "events"
+        ? " (comma separated; globs such as device.* allowed)" : " (comma separated)") }),
       h("div", { class: "choices", role: "group", "aria-label": label }, boxes), input, err);
   } else if (kind === "area" || kind === "json" || kind === "lines") {
     input = h("textarea", { id, rows: kind === "json" ? "4" : "3", spellcheck: "false" });

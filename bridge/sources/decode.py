@@ -78,7 +78,9 @@ class SourceDecoder:
         if source.format == "lwm2m-emqx":
             from .lwm2m import Lwm2mDecoder
 
-            self._lwm2m = Lwm2mDecoder()
+            # Firmware (Object 5) progress is tracked by the device registry, across
+            # sources (EMQX sends it on its own topic) and restarts.
+            self._lwm2m = Lwm2mDecoder(firmware=None)
             self._decode = None
         elif source.format in ("senml", "senml-cbor"):
             self._decode = _senml(source.format == "senml-cbor")

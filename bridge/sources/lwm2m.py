@@ -501,6 +501,16 @@ def _write_response(msg_type: str, message: Mapping[str, Any]) -> list[Lwm2mEven
     return [Lwm2mEvent("device.write", {**base, "success": code.startswith("2.")}, parsed)]
 
 
+_LINK_SEPARATOR = re.compile(r",\s*(?=<)")
+
+
+def split_links(items: list[str]) -> list[str]:
+    """One CoRE link per item: EMQX 4.x splits a discover answer only at its first comma
+    (``["</3/0>", "</3/0/1>,</3/0/2>;dim=2"]``); a comma followed by ``<`` starts a link
+    (a comma inside a quoted attribute value is not followed by one)."""
+    return [link for item in items for link in _LINK_SEPARATOR.split(item.strip()) if link]
+
+
 def _other_response(msg_type: str, message: Mapping[str, Any]) -> list[Lwm2mEvent]:
     """discover / write-attr / create / delete."""
     data, code, base, parsed = _response(msg_type, message)
@@ -511,7 +521,7 @@ def _other_response(msg_type: str, message: Mapping[str, Any]) -> list[Lwm2mEven
     if msg_type == "discover" and content is not None:
         if not isinstance(content, list) or not all(isinstance(c, str) for c in content):
             raise DecodeError("discover content is not a list of links")
-        payload["links"] = content
+        payload["links"] = split_links(content)
     return [Lwm2mEvent("device.command_response", payload, parsed)]
 
 
@@ -625,6 +635,21 @@ class FirmwareTracker:
                 event = self._on_result(progress, number, value["instance"]) or event
         return event
 
+    def progress(self, device_id: str, instance: int) -> tuple[int | None, int | None, bool] | None:
+        """``(state, result, armed)`` of one device's Object 5 instance, for the store."""
+        progress = self._progress.get((device_id, instance))
+        return None if progress is None else (progress.state, progress.result, progress.armed)
+
+    def restore(self, device_id: str, instance: int,
+                saved: tuple[int | None, int | None, bool] | None) -> None:
+        """Put back what :meth:`progress` returned (after a restart, or to undo a change
+        whose transaction failed: the broker sends that message again)."""
+        if saved is None:
+            self._progress.pop((device_id, instance), None)
+        else:
+            state, result, armed = saved
+            self._progress[(device_id, instance)] = _FirmwareProgress(state, result, bool(armed))
+
     def forget(self, device_id: str) -> None:
         """Drop a device's progress (e.g. when it is deleted).
 
@@ -665,12 +690,16 @@ class FirmwareTracker:
 
 @dataclass
 class Lwm2mDecoder:
-    """``decode_emqx`` plus the firmware events its telemetry completes."""
+    """``decode_emqx`` plus the firmware events its telemetry completes (``firmware``
+    None: decode only; the daemon tracks firmware in its device registry instead, one
+    tracker for all sources, kept in the store)."""
 
-    firmware: FirmwareTracker = field(default_factory=FirmwareTracker)
+    firmware: FirmwareTracker | None = field(default_factory=FirmwareTracker)
 
     def decode(self, device_id: str, payload: bytes) -> list[Lwm2mEvent]:
         events = decode_emqx(device_id, payload)
+        if self.firmware is None:
+            return events
         completed = [
             self.firmware.feed(device_id, event.payload["values"])
             for event in events
