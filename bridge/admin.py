@@ -32,6 +32,7 @@ from prometheus_client.exposition import choose_encoder
 
 from . import console, logs
 from .config import Config, ConfigError, WebhookConfig, dump_webhook, webhook_from_mapping
+from .config_yaml import MAX_DEPTH, json_number
 from .control import BridgeControl
 from .errors import ChangeError
 from .events import Event, new_id
@@ -302,9 +303,7 @@ class AdminServer:
         except ConfigError as error:
             raise Reject(422, {"errors": error.problems}) from None
         # Secrets that arrive through the API must never show in a log line either.
-        auth, signing = webhook.auth, webhook.signing
-        logs.register_secrets([auth.password, auth.token, auth.value, auth.client_secret,
-                               signing.secret if signing is not None else None])
+        logs.register_secrets(logs.webhook_secrets(webhook))
         return webhook
 
     def _file(self, name: str) -> str:
@@ -412,9 +411,41 @@ def redact(data: dict[str, Any]) -> dict[str, Any]:
         if isinstance(block, dict):
             result[section] = {k: REDACTED if k in SECRET_KEYS and v is not None else v
                                for k, v in block.items()}
+    for path in _URL_KEYS:
+        _replace_url(result, path, _hide_userinfo)
     if isinstance(result.get("proxy"), str):  # http://user:***@proxy.corp:3128
         result["proxy"] = redact_proxy_url(result["proxy"])
     return result
+
+
+_URL_KEYS = (("url",), ("auth", "token_url"))  # the proxy: redact_proxy_url
+
+
+def _hide_userinfo(url: str) -> str:
+    """``https://user:pass@host/`` -> ``https://user:***@host/``."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.partition("@")
+    if not sep or not at or "/" in userinfo or ":" not in userinfo:
+        return url
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:{REDACTED}@{host}"
+
+
+def _url_at(data: dict[str, Any], path: tuple[str, ...]) -> str | None:
+    value: Any = data
+    for key in path:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def _replace_url(data: dict[str, Any], path: tuple[str, ...],
+                 change: Callable[[str], str]) -> None:
+    *parents, key = path
+    for parent in parents:
+        data = data.get(parent)  # type: ignore[assignment]
+        if not isinstance(data, dict):
+            return
+    if isinstance(data.get(key), str):
+        data[key] = change(data[key])
 
 
 def unredact(body: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
@@ -429,6 +460,10 @@ def unredact(body: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
         for key in SECRET_KEYS:
             if new.get(key) == REDACTED and key in old:
                 new[key] = old[key]
+    for path in _URL_KEYS:  # a URL whose password reads *** (as GET shows it) keeps it
+        old_url = _url_at(current, path)
+        if old_url is not None and _url_at(body, path) == _hide_userinfo(old_url) != old_url:
+            _replace_url(body, path, lambda _: old_url)  # noqa: B023 (called right here)
     old_proxy = current.get("proxy")
     if isinstance(old_proxy, str) and body.get("proxy") == redact_proxy_url(old_proxy):
         body["proxy"] = old_proxy
@@ -450,12 +485,20 @@ def _take_state(body: dict[str, Any]) -> str | None:
                                   "DISABLED"]})
 
 
+def _loads(text: str) -> Any:
+    # Long numbers stay text, refused with check's message (int() of them is slow).
+    return json.loads(text, parse_int=json_number)
+
+
 async def _json_object(request: web.Request) -> dict[str, Any]:
     try:
-        data = await request.json()
+        data = await request.json(loads=_loads)
     except ValueError:
         raise _error(400, "the body is not valid JSON; send the webhook as a JSON object "
                      "with the same keys as in YAML") from None
+    except RecursionError:  # what `check` says of a file nested as deep
+        raise Reject(422, {"errors": [f"body: nested deeper than {MAX_DEPTH} levels; "
+                                      "flatten it"]}) from None
     if not isinstance(data, dict):
         raise Reject(422, {"errors": ["body: expected a JSON object with the webhook's keys "
                                       "(name, url, ...)"]})

@@ -57,7 +57,15 @@ class Fatal(Exception):
 
 
 def _load(args: argparse.Namespace) -> Config:
-    return load_config(args.config or default_config_path())
+    config = load_config(args.config or default_config_path())
+    # Rows stored by an older version (or before a secret was configured) may hold a
+    # secret an endpoint echoed: what is shown is redacted again.
+    logs.register_secrets(logs.config_secrets(config))
+    return config
+
+
+def _redacted(text: str | None) -> str | None:
+    return logs.redact(text) if text else text
 
 
 def _print_problems(error: ConfigError) -> None:
@@ -123,7 +131,7 @@ def status_rows(config: Config, conn: sqlite3.Connection) -> list[dict[str, Any]
             "attempts": row.get("attempts", 0),
             "consecutive_failures": row.get("consecutive_failures", 0),
             "last_triggered": _ms(row.get("last_triggered")),
-            "last_error": row.get("last_error"),
+            "last_error": _redacted(row.get("last_error")),
         })
     return result
 
@@ -281,6 +289,7 @@ def cmd_dead(args: argparse.Namespace) -> int:
 def _print_dead(rows: list[dict[str, Any]], action: str, as_json: bool) -> None:
     for row in rows:
         row["created"], row["died"] = _iso(row["created"]), _iso(row["died"])
+        row["reason"], row["response"] = _redacted(row["reason"]), _redacted(row["response"])
         if "event" in row:
             row["event"] = json.loads(row["event"])
     if as_json or action == "show":
@@ -436,9 +445,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Printable:
+    """A command's stdout or stderr: what it prints may hold text from devices and
+    endpoints (dead letters, errors, device ids), so terminal control characters are
+    escaped (see :func:`logs.printable`) before they reach the terminal."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        return self._stream.write(logs.printable(text))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command in ("run", "demo"):  # their logs are escaped by logs.py itself
+        return _main(args)
+    stdout, stderr = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _Printable(stdout), _Printable(stderr)
+    try:
+        return _main(args)
+    finally:
+        sys.stdout, sys.stderr = stdout, stderr
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         return args.func(args)
     except ConfigError as error:

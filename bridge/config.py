@@ -27,6 +27,7 @@ import jmespath
 import jmespath.exceptions
 
 from bridge.config_yaml import (
+    HOST,
     MISSING,
     TOKEN,
     Ctx,
@@ -105,11 +106,49 @@ class TLSConfig:
         ``cert_file``/``key_file`` a client certificate (mTLS), ``verify: false`` off."""
         context = ssl.create_default_context(cafile=self.ca_file)
         if self.cert_file:
-            context.load_cert_chain(self.cert_file, self.key_file)
+            # No passphrase prompt on a terminal: an encrypted key is an error.
+            context.load_cert_chain(self.cert_file, self.key_file, password=_no_passphrase)
         if not self.verify:
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
         return context
+
+
+def _no_passphrase() -> bytes:
+    raise ssl.SSLError("the key file is encrypted (a passphrase is not supported); give a"
+                       " key without a passphrase")
+
+
+def tls_problems(tls: TLSConfig) -> dict[str, str]:
+    """Load the files of ``tls`` as :meth:`TLSConfig.client_context` will: key ->
+    what is wrong (empty when they load), so what ``check`` accepts, ``run`` starts."""
+    problems: dict[str, str] = {}
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if tls.ca_file:
+        try:
+            context.load_verify_locations(cafile=tls.ca_file)
+        except (ssl.SSLError, OSError, ValueError) as error:
+            problems["ca_file"] = (f"cannot load CA certificates from '{tls.ca_file}':"
+                                   f" {_ssl_reason(error)}; give a PEM file of CA certificates")
+    if tls.cert_file:
+        try:
+            context.load_cert_chain(tls.cert_file, tls.key_file, password=_no_passphrase)
+        except (ssl.SSLError, OSError, ValueError) as error:
+            problems["cert_file"] = (
+                f"cannot load the client certificate '{tls.cert_file}' with key"
+                f" '{tls.key_file}': {_ssl_reason(error)}; give a PEM certificate and its"
+                " unencrypted private key")
+    return problems
+
+
+def _ssl_reason(error: BaseException) -> str:
+    """OpenSSL's reason (``PEM_LIB`` -> ``pem lib``) or the OS error, without codes."""
+    text = str(getattr(error, "reason", None) or getattr(error, "strerror", None) or error)
+    if isinstance(error, ssl.SSLError):
+        text = re.sub(r"\[\w+\]\s*|\s*\(_ssl\.c:\d+\)", "", text).lower().replace("_", " ")
+        return {"pem lib": "not a PEM file, or the key does not match the certificate",
+                "no certificate or crl found": "no certificate in the file"}.get(text, text)
+    return text
 
 
 @dataclass(frozen=True)
@@ -294,6 +333,8 @@ def parse_size(text: str | int) -> int:
         size = float(text)
     if not math.isfinite(size) or size < 0:
         raise ValueError(f"invalid size {text!r}; it must be a number of bytes >= 0")
+    if size >= 2**62:  # SQLite's integers end at 2**63
+        raise ValueError(f"invalid size {text!r}; it must be less than 4 EiB")
     return int(size)
 
 
@@ -353,7 +394,12 @@ def _tls(sec: Section, key: str) -> Any:
                     " or neither")
     verify = tls.boolean("verify")
     tls.finish()
-    return _build(TLSConfig, verify=verify, **paths)
+    config = _build(TLSConfig, verify=verify, **paths)
+    unusable = any(k in tls.data and v is MISSING for k, v in paths.items())
+    if not unusable and (config.cert_file is None) == (config.key_file is None):
+        for key, problem in tls_problems(config).items():
+            tls.problem(key, problem)
+    return config
 
 
 def _seconds(value: Any) -> int:
@@ -373,16 +419,21 @@ def _parse_mqtt(sec: Section) -> MQTTConfig:
     shared = sec.text("shared_group", nullable=True)
     if isinstance(shared, str) and (not shared or any(c in shared for c in "/+#")):
         sec.problem("shared_group", f"invalid group {shared!r}; use a name without '/', '+', '#'")
+    host = _nonempty(sec, "host")
+    if isinstance(host, str) and host and not HOST.fullmatch(host.strip("[]")):
+        sec.problem("host", f"invalid host {describe(host)}; give a host name or an IP address")
+        host = MISSING
     config = _build(
         MQTTConfig,
-        host=_nonempty(sec, "host"),
+        host=host,
         port=8883 if port is MISSING and tls not in (MISSING, None) else port,
         client_id=_nonempty(sec, "client_id"),
         username=sec.text("username", nullable=True),
         password=sec.text("password", nullable=True),
         protocol=sec.choice("protocol", PROTOCOLS),
-        session_expiry=sec.parsed("session_expiry", _seconds, minimum=0),
-        keepalive=sec.parsed("keepalive", _seconds, minimum=0),
+        # MQTT sends these as 32- and 16-bit numbers.
+        session_expiry=sec.parsed("session_expiry", _seconds, minimum=0, maximum=2**32 - 1),
+        keepalive=sec.parsed("keepalive", _seconds, minimum=0, maximum=65535),
         shared_group=shared,
         tls=tls,
         embedded=sec.boolean("embedded"),
@@ -511,6 +562,8 @@ def _compile_filter(value: Any) -> str:
         raise ValueError(f"expected a JMESPath expression, got {describe(value)}; quote it")
     try:
         jmespath.compile(value)
+    except RecursionError:  # the parser recurses once per parenthesis
+        raise ValueError("invalid JMESPath expression: nested too deeply; simplify it") from None
     except jmespath.exceptions.JMESPathError as error:
         detail = getattr(error, "message", None) or getattr(error, "msg", None) or str(error)
         if isinstance(error, jmespath.exceptions.IncompleteExpressionError):

@@ -17,12 +17,14 @@ import difflib
 import enum
 import os
 import re
+import stat
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import SplitResult, urlsplit
 
 import yaml
+import yaml.reader
 from yaml.constructor import SafeConstructor
 from yaml.resolver import Resolver
 
@@ -30,12 +32,26 @@ KeyPath = tuple[str | int, ...]
 
 _TIMESTAMP_TAG = "tag:yaml.org,2002:timestamp"
 _MERGE_TAG = "tag:yaml.org,2002:merge"
+_STR_TAG = "tag:yaml.org,2002:str"
 _ENV_TOKEN = re.compile(r"\$\$\{|\$\{([^}]*)\}|\$\{")
 _ENV_REF = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?::-(.*))?", re.DOTALL)
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_HOST = re.compile(r"[A-Za-z0-9._-]+|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*")
+HOST = re.compile(r"[A-Za-z0-9._-]+|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*")
 TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _BOOLS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+# Bounds on a config file (it is input too: a typo or a hostile file must end in a
+# located message within a second, never a traceback or a hang).
+MAX_FILE_BYTES = 1024 * 1024
+MAX_DEPTH = 64  # nesting of mappings and lists, aliases included
+MAX_VALUES = 10_000  # values after aliases are expanded (a "billion laughs" stops here)
+MAX_NUMBER_CHARS = 64  # a number longer than this is refused, not converted
+INT_MAX = 2**31 - 1  # the default maximum of a whole number
+MAX_SECRET_CHARS = 64 * 1024  # what a *_file key reads
+MAX_UNKNOWN_KEYS = 20  # reported one by one per mapping; the rest in one line
+_TAG = "tag:yaml.org,2002:"
+_SCALAR_TAGS = {_TAG + t for t in ("str", "int", "float", "bool", "null", "timestamp")}
+# libyaml when PyYAML has it: 20-50 times faster than the Python parser.
+_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 class Missing(enum.Enum):
@@ -65,6 +81,8 @@ class Origin:
     keys: dict[KeyPath, Mark] = field(default_factory=dict)
     texts: dict[KeyPath, str] = field(default_factory=dict)
     """Source text of scalars YAML read as numbers or booleans (``0x1F``, ``no``)."""
+    refused: set[KeyPath] = field(default_factory=set)
+    """Values already reported (a number too long, a bad tag): read as absent."""
 
     def mark(self, path: KeyPath, *, key: bool = False) -> Mark | None:
         if key and path in self.keys:
@@ -97,7 +115,12 @@ def describe(value: Any) -> str:
         return "a mapping"
     if isinstance(value, list):
         return "a list"
-    return repr(value) if isinstance(value, str) else str(value)
+    return repr(shorten(value)) if isinstance(value, str) else shorten(str(value))
+
+
+def shorten(text: str, limit: int = 80) -> str:
+    """``text`` cut to ``limit`` characters for a message (a value may be megabytes)."""
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def did_you_mean(word: str, candidates: Iterable[str]) -> str:
@@ -134,7 +157,12 @@ def _mark(yaml_mark: Any) -> Mark:
 
 
 def _syntax_message(error: yaml.YAMLError) -> str:
-    problem = getattr(error, "problem", None) or str(error)
+    if isinstance(error, yaml.reader.ReaderError):  # no problem_mark; a multi-line str()
+        return (f"invalid YAML: character #x{error.character:04x} is not allowed"
+                f" ({error.reason}); remove it or save the file as UTF-8 text")
+    problem = (getattr(error, "problem", None) or str(error)).replace("\n", " ")
+    if isinstance(error, _TooDeep):
+        return problem
     context = getattr(error, "context", None)
     context_mark = getattr(error, "context_mark", None)
     if context and context_mark is not None:
@@ -175,7 +203,11 @@ def substitute(text: str, report: Callable[[str], None], env: Mapping[str, str] 
 
 
 class _Converter:
-    """YAML node tree -> plain values, recording marks and substituting ``${VAR}``."""
+    """YAML node tree -> plain values, recording marks and substituting ``${VAR}``.
+
+    Aliases are expanded here, so this is where a file can blow up: the values produced
+    (:data:`MAX_VALUES`) and the nesting (:data:`MAX_DEPTH`) are bounded, merge keys are
+    checked, and only the standard tags are accepted."""
 
     def __init__(self, origin: Origin, problems: Problems) -> None:
         self.origin = origin
@@ -183,26 +215,53 @@ class _Converter:
         self.constructor = SafeConstructor()
         self.resolver = Resolver()
         self.active: set[int] = set()
+        self.budget = MAX_VALUES
+        self.stopped = False
 
     def convert(self, node: yaml.Node, path: KeyPath) -> Any:
+        if self.stopped:
+            return None
         self.origin.values[path] = _mark(node.start_mark)
+        self.budget -= 1
+        if self.budget < 0 or len(path) > MAX_DEPTH:
+            self.stopped = True  # one problem; the rest of the document is not read
+            self.problems.add(self.origin, path, (
+                f"the document expands to more than {MAX_VALUES} values (an alias '*name'"
+                " repeats all it refers to); simplify it" if self.budget < 0 else
+                f"nested deeper than {MAX_DEPTH} levels; flatten it"))
+            return None
         if id(node) in self.active:
             self.problems.add(self.origin, path, "an alias refers to itself; remove the cycle")
             return None
         self.active.add(id(node))
         try:
             if isinstance(node, yaml.MappingNode):
+                if node.tag != _TAG + "map":
+                    return self._bad_tag(node, path)
                 return self._mapping(node, path)
             if isinstance(node, yaml.SequenceNode):
+                if node.tag != _TAG + "seq":
+                    return self._bad_tag(node, path)
                 return [self.convert(item, (*path, i)) for i, item in enumerate(node.value)]
             return self._scalar(node, path)
         finally:
             self.active.discard(id(node))
 
+    def _bad_tag(self, node: yaml.Node, path: KeyPath) -> None:
+        self.origin.refused.add(path)
+        tag = node.tag.replace(_TAG, "!!")
+        self.problems.add(self.origin, path, f"unsupported YAML tag '{shorten(tag)}'; remove"
+                          " it (only plain mappings, lists, text, numbers, booleans, null)")
+        return None
+
     def _mapping(self, node: yaml.MappingNode, path: KeyPath) -> dict[str, Any]:
         first: dict[str, Mark] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == _MERGE_TAG or not isinstance(key_node, yaml.ScalarNode):
+        merges: list[yaml.Node] = []
+        for key_node, value_node in node.value:
+            if key_node.tag == _MERGE_TAG:
+                merges.append(value_node)
+                continue
+            if not isinstance(key_node, yaml.ScalarNode):
                 continue
             mark = _mark(key_node.start_mark)
             if key_node.value in first:
@@ -212,22 +271,50 @@ class _Converter:
                                   f"duplicate key (first at line {seen.line}); remove one of them",
                                   key=True)
             first.setdefault(key_node.value, mark)
-        self.constructor.flatten_mapping(node)
-        result: dict[str, Any] = {}
+        result = self._merged(merges, path) if merges else {}
+        explicit: set[str] = set()
         for key_node, value_node in node.value:
+            if key_node.tag == _MERGE_TAG:
+                continue
             if not isinstance(key_node, yaml.ScalarNode):
                 self.problems.add(self.origin, path, "keys must be plain text, not lists or"
                                   f" mappings (line {key_node.start_mark.line + 1})")
                 continue
             key = key_node.value
             key_path = (*path, key)
-            if key_path not in self.origin.keys or key not in result:
+            if key not in explicit:
                 self.origin.keys[key_path] = _mark(key_node.start_mark)
+            explicit.add(key)
             result[key] = self.convert(value_node, key_path)
         return result
 
+    def _merged(self, merges: list[yaml.Node], path: KeyPath) -> dict[str, Any]:
+        """The mappings of ``<<`` keys (YAML merge): the first one given wins a key, and
+        the mapping's own keys win over all of them. A merged key keeps the position
+        where it is written (in the anchored mapping)."""
+        own = self.origin.values[path]
+        sources: list[yaml.Node] = []
+        for value in merges:
+            items = value.value if isinstance(value, yaml.SequenceNode) else [value]
+            for item in items:
+                if not isinstance(item, yaml.MappingNode):
+                    self.problems.add_at(self.origin.name, _mark(item.start_mark), (
+                        f"{format_path(path) + ': ' if path else ''}a merge key '<<' takes a"
+                        " mapping (such as *defaults) or a list of them; fix or remove it"))
+                    continue
+                sources.append(item)
+        result: dict[str, Any] = {}
+        for item in reversed(sources):
+            merged = self.convert(item, path)
+            if isinstance(merged, dict):
+                result.update(merged)
+        self.origin.values[path] = own
+        return result
+
     def _scalar(self, node: yaml.ScalarNode, path: KeyPath) -> Any:
-        value = self._construct(node)
+        if node.tag not in _SCALAR_TAGS:
+            return self._bad_tag(node, path)
+        value = self._construct(node, path)
         if isinstance(value, str) and "$" in value:
             value = self._substitute(node, value, path)
         if isinstance(value, (int, float)):
@@ -242,42 +329,119 @@ class _Converter:
         if node.style is None and text and text != value:
             node = yaml.ScalarNode(self.resolver.resolve(yaml.ScalarNode, text, (True, False)),
                                    text)
-            return self._construct(node)
+            return self._construct(node, path)
         return text
 
-    def _construct(self, node: yaml.ScalarNode) -> Any:
-        if node.tag == _TIMESTAMP_TAG:
+    def _construct(self, node: yaml.ScalarNode, path: KeyPath) -> Any:
+        if node.tag == _TIMESTAMP_TAG or node.tag == _STR_TAG:
             return node.value
-        return self.constructor.construct_object(node, deep=True)
+        if node.tag in (_TAG + "int", _TAG + "float") and len(node.value) > MAX_NUMBER_CHARS:
+            # int() of a huge digit string is slow (and refused past 4300 digits).
+            self.origin.refused.add(path)
+            self.problems.add(self.origin, path, f"a number of {len(node.value)} characters"
+                              " is out of range; give a smaller one (or quote it if it is text)")
+            return node.value
+        try:
+            return self.constructor.construct_object(node, deep=True)
+        except (ValueError, TypeError, KeyError, OverflowError, yaml.YAMLError):
+            tag = node.tag.replace(_TAG, "!!")
+            self.origin.refused.add(path)
+            self.problems.add(self.origin, path, f"{describe(node.value)} is not a valid"
+                              f" {tag} value; fix it or remove the tag")
+            return node.value
 
 
 def read_yaml(origin: Origin, problems: Problems) -> Any:
     """Parse ``origin.name`` into plain values; :data:`MISSING` when it cannot be read."""
     try:
-        with open(origin.name, encoding="utf-8") as stream:
-            root = yaml.compose(stream, Loader=yaml.SafeLoader)
+        with open(origin.name, "rb") as stream:
+            data = stream.read(MAX_FILE_BYTES + 1)
     except OSError as error:
         problems.add(origin, (), f"cannot read the config file: {error.strerror or error};"
                      " check the path (-c PATH or WEBHOOK_BRIDGE_CONFIG) and its permissions")
         return MISSING
-    except UnicodeDecodeError as error:
-        problems.add(origin, (), f"the file is not UTF-8 text ({error.reason}); save it as UTF-8")
+    if len(data) > MAX_FILE_BYTES:
+        problems.add_at(origin.name, Mark(1, 1), f"the file is larger than"
+                        f" {MAX_FILE_BYTES // 1024} KB; a configuration is much smaller:"
+                        " check that this is the right file")
         return MISSING
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        problems.add_at(origin.name, _byte_mark(data, error.start),
+                        f"byte 0x{data[error.start]:02x} is not UTF-8 text ({error.reason});"
+                        " save the file as UTF-8")
+        return MISSING
+    try:
+        _check_depth(text)
+        root = yaml.compose(text, Loader=_LOADER)
     except yaml.YAMLError as error:
-        problems.add_at(origin.name, _error_mark(error), _syntax_message(error))
+        problems.add_at(origin.name, _error_mark(error, text), _syntax_message(error))
         return MISSING
     if root is None:
         return {}
     return _Converter(origin, problems).convert(root, ())
 
 
-def _error_mark(error: yaml.YAMLError) -> Mark:
+def _byte_mark(data: bytes, offset: int) -> Mark:
+    line_start = data.rfind(b"\n", 0, offset) + 1
+    column = len(data[line_start:offset].decode("utf-8", "replace")) + 1
+    return Mark(data.count(b"\n", 0, offset) + 1, column)
+
+
+class _TooDeep(yaml.MarkedYAMLError):
+    """Valid YAML, nested or sized past a bound."""
+
+
+def _check_depth(text: str) -> None:
+    """Refuse nesting deeper than :data:`MAX_DEPTH` before composing (the composer
+    recurses once per level: 5,000 ``[`` would exhaust the stack)."""
+    depth = 0
+    for count, event in enumerate(yaml.parse(text, Loader=_LOADER)):
+        if count > 2 * MAX_VALUES:  # keys and values, before aliases are expanded
+            raise _TooDeep(problem=f"the file has more than {MAX_VALUES} values; a"
+                           " configuration is much smaller: check that this is the right file",
+                           problem_mark=event.start_mark)
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise _TooDeep(problem=f"nested deeper than {MAX_DEPTH} levels; flatten it",
+                               problem_mark=event.start_mark)
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+
+
+def _error_mark(error: yaml.YAMLError, text: str = "") -> Mark:
     mark = getattr(error, "problem_mark", None)
+    if mark is None and isinstance(error, yaml.reader.ReaderError) and text:
+        position = error.position  # characters into the text
+        start = text.rfind("\n", 0, position) + 1
+        return Mark(text.count("\n", 0, position) + 1, position - start + 1)
     return Mark(mark.line + 1, mark.column + 1) if mark else Mark(1, 1)
+
+
+class NumberText(str):
+    """The digits of a number too long to convert (from :func:`json_number`)."""
+
+
+def json_number(text: str) -> int | NumberText:
+    """``parse_int`` for :func:`json.loads` of untrusted bodies: :func:`plain_tree` then
+    refuses a number longer than :data:`MAX_NUMBER_CHARS` as a YAML file's would be."""
+    return int(text) if len(text) <= MAX_NUMBER_CHARS else NumberText(text)
 
 
 def plain_tree(data: Any, origin: Origin, problems: Problems, path: KeyPath = ()) -> Any:
     """The same treatment as a YAML file for already-parsed data (REST API bodies)."""
+    if len(path) > MAX_DEPTH:
+        origin.refused.add(path)
+        problems.add(origin, path, f"nested deeper than {MAX_DEPTH} levels; flatten it")
+        return None
+    if isinstance(data, NumberText) or (isinstance(data, int) and not isinstance(data, bool)
+                                        and len(str(data)) > MAX_NUMBER_CHARS):
+        origin.refused.add(path)
+        problems.add(origin, path, f"a number of {len(str(data))} characters is out of range;"
+                     " give a smaller one (or quote it if it is text)")
+        return str(data)
     if isinstance(data, Mapping):
         result: dict[str, Any] = {}
         for key, value in data.items():
@@ -324,6 +488,8 @@ class Section:
 
     def raw(self, key: str) -> Any:
         self.known.add(key)
+        if self.ctx.origin.refused and (*self.path, key) in self.ctx.origin.refused:
+            return MISSING  # reported already
         return self.data.get(key, MISSING)
 
     def as_text(self, path: KeyPath, value: Any) -> str | None:
@@ -379,8 +545,16 @@ class Section:
             return MISSING
         path = resolve_path(name, self.ctx.origin.base_dir)
         try:
+            if not stat.S_ISREG(os.stat(path).st_mode):  # /dev/zero or a FIFO: no end
+                self.problem(file_key, f"'{path}' is not a regular file; give a file")
+                return MISSING
             with open(path, encoding="utf-8") as stream:
-                return stream.read().rstrip("\r\n")
+                text = stream.read(MAX_SECRET_CHARS + 1)
+            if len(text) > MAX_SECRET_CHARS:
+                self.problem(file_key, f"'{path}' is longer than {MAX_SECRET_CHARS}"
+                             " characters; is it the right file?")
+                return MISSING
+            return text.rstrip("\r\n")
         except (OSError, UnicodeDecodeError) as error:
             reason = getattr(error, "strerror", None) or str(error)
             self.problem(file_key, f"cannot read '{path}': {reason}; create the file or fix the"
@@ -407,13 +581,18 @@ class Section:
         if value is MISSING:
             return value
         if isinstance(value, str) and re.fullmatch(r"\s*[-+]?\d+\s*", value):
+            if len(value.strip()) > MAX_NUMBER_CHARS:
+                self.problem(key, f"a number of {len(value.strip())} characters is out of"
+                             " range; give a smaller one")
+                return MISSING
             value = int(value)
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         if not isinstance(value, int) or isinstance(value, bool):
             self.problem(key, f"expected a whole number, got {describe(value)}")
             return MISSING
-        return self._in_range(key, value, minimum, maximum)
+        # Counts go to SQLite and to sizes of lists: past 2**31 is a typo, not a setting.
+        return self._in_range(key, value, minimum, INT_MAX if maximum is None else maximum)
 
     def _in_range(self, key: str, value: Any, minimum: Any, maximum: Any) -> Any:
         if minimum is not None and value < minimum:
@@ -434,7 +613,7 @@ class Section:
         return MISSING
 
     def parsed(self, key: str, parse: Callable[[Any], Any], *, nullable: bool = False,
-               minimum: Any = None) -> Any:
+               minimum: Any = None, maximum: Any = None) -> Any:
         """A value converted by ``parse`` (which raises ValueError with the message)."""
         value = self.raw(key)
         if value is MISSING or (value is None and nullable):
@@ -444,10 +623,10 @@ class Section:
             return MISSING
         try:
             result = parse(value)
-        except ValueError as error:
+        except (ValueError, OverflowError) as error:
             self.problem(key, str(error))
             return MISSING
-        return self._in_range(key, result, minimum, None)
+        return self._in_range(key, result, minimum, maximum)
 
     def choice(self, key: str, allowed: Iterable[Any]) -> Any:
         """One of ``allowed`` (compared case-insensitively as text), returned canonical."""
@@ -528,13 +707,17 @@ class Section:
                     self.problem(name, f"'{name}' {reason}; remove it", at_key=True)
 
     def finish(self) -> None:
-        for key in self.data:
-            if key not in self.known:
-                hint = did_you_mean(key, self.known)
-                if not hint:
-                    listed = sorted(k for k in self.known if not k.endswith("_file"))
-                    hint = f"; remove it (known keys: {', '.join(listed)})"
-                self.problem(key, f"unknown key '{key}'{hint}", at_key=True)
+        unknown = [key for key in self.data if key not in self.known]
+        for key in unknown[:MAX_UNKNOWN_KEYS]:
+            hint = did_you_mean(key, self.known) if len(key) < 100 else ""
+            if not hint:
+                listed = sorted(k for k in self.known if not k.endswith("_file"))
+                hint = f"; remove it (known keys: {', '.join(listed)})"
+            self.problem(key, f"unknown key '{shorten(key)}'{hint}", at_key=True)
+        if len(unknown) > MAX_UNKNOWN_KEYS:
+            key = unknown[MAX_UNKNOWN_KEYS]
+            self.problem(key, f"and {len(unknown) - MAX_UNKNOWN_KEYS} more unknown keys from"
+                         " here on; is this the right file?", at_key=True)
 
 
 def resolve_path(path: str, base_dir: str) -> str:
@@ -600,7 +783,10 @@ def url_problem(url: str, *, insecure: bool, templates: bool = True) -> str | No
     plain = list(url)
     for start, end in spans:
         plain[start:end] = "x" * (end - start)
-    parts = urlsplit("".join(plain))
+    try:
+        parts = urlsplit("".join(plain))
+    except ValueError as error:  # "https://[::1" and the like
+        return f"the URL is malformed ({error}); write https://host[:port]/path"
     return (_placeholder_position_problem(url, spans, parts)
             or _scheme_problem(parts.scheme.lower(), insecure)
             or _authority_problem(parts))
@@ -629,18 +815,25 @@ def _scheme_problem(scheme: str, insecure: bool) -> str | None:
 
 
 def _authority_problem(parts: SplitResult) -> str | None:
-    if not parts.hostname or not _HOST.fullmatch(parts.hostname):
+    try:
+        host = parts.hostname
+    except ValueError as error:  # "https://[zz]/": not an IP address in brackets
+        return f"the URL has no valid host ({error}); write https://host[:port]/path"
+    if not host or not HOST.fullmatch(host):
         return "the URL has no valid host; write https://host[:port]/path"
     try:
-        parts.port  # noqa: B018
+        port = parts.port
     except ValueError:
+        port = 0
+    if port == 0:
         return "the URL has an invalid port; use a number from 1 to 65535"
     return None
 
 
 def listen_problem(listen: str) -> str | None:
     host, sep, port = listen.rpartition(":")
-    if not sep or not host.strip("[]") or not port.isdigit() or int(port) > 65535:
+    if (not sep or not host.strip("[]") or not port.isdigit() or len(port) > 5
+            or int(port) > 65535):
         return f"invalid address {listen!r}; use host:port such as 127.0.0.1:9883 (null disables)"
     return None
 

@@ -31,7 +31,7 @@ from .errors import ChangeError, StartError
 from .events import Event
 from .ingest import Ingest
 from .metrics import Metrics
-from .registry import Registry
+from .registry import Registry, max_devices
 from .render import Renderer
 from .rules import RuleSet
 from .signing import SecretKeeper
@@ -101,7 +101,7 @@ class Bridge:
         self.metrics = Metrics()
         self.metrics.store_damaged.set(1 if damage is not None else 0)
         self.decoders = [SourceDecoder(s) for s in config.sources]
-        self.registry = Registry()
+        self.registry = Registry(max_devices(config.store.max_size))
         self.ingest = Ingest(self.decoders, RuleSet(tuple(w for w in config.webhooks
                                                           if w.enabled)),
                              self.registry, self.store, self.metrics,
@@ -190,6 +190,7 @@ class Bridge:
                                  f"{self.config.admin.listen}: {exc.strerror or exc}; "
                                  "change admin.listen or stop what uses that port") from exc
         await self.store.read(self.registry.load)
+        self.ingest.sync_quota()
         if self.config.mqtt.embedded:
             await self._start_embedded_broker()
         # This configuration loaded in full: a change that failed before is moot.
@@ -315,6 +316,7 @@ class Bridge:
         self._generation = generation
         await self.store.remeasure()
         await self.store.read(self.registry.load)  # a device deleted by a command
+        self.ingest.sync_quota()
         self.store.space_freed.set()
         rows = await self.store.read(webhook_rows)
         for name in list(self.workers):

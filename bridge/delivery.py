@@ -237,6 +237,7 @@ class Sender:
         self.pool: http1.ConnectionPool | None = None
         self.oauth2: OAuth2Token | None = None
         self._auth_headers: dict[str, str] | None = None
+        self._signing_keys: list[str] = []
 
     async def start(self) -> None:
         self.start_nowait()
@@ -285,6 +286,9 @@ class Sender:
         signing = self.webhook.signing
         if signing is not None and self.secrets is not None:
             keys = self.secrets.secrets_for(self.webhook.name, signing.secret)
+            if keys != self._signing_keys:  # generated or rotated ones are not in the config
+                self._signing_keys = keys
+                logs.register_secrets(f for key in keys for f in logs.signing_forms(key))
             headers.update(signature_headers(signing.scheme, signing.header, keys, msg_id,
                                              timestamp, request.body))
         return headers
@@ -300,7 +304,7 @@ class Sender:
         except Exception as exc:
             outcome = classify_exception(exc)
         outcome.elapsed = time.monotonic() - started
-        return outcome
+        return redact_outcome(outcome)
 
     async def _send_once(self, request: Request, msg_id: str, refreshed: bool = False
                          ) -> Outcome:
@@ -322,6 +326,22 @@ class Sender:
         if outcome.response is None:
             outcome.response = excerpt
         return outcome
+
+
+def redact_outcome(outcome: Outcome) -> Outcome:
+    """``outcome`` with every registered secret taken out of the text the endpoint sent
+    (an endpoint may echo the request's credentials), before anything stores, logs or
+    shows it."""
+    if outcome.response:
+        outcome.response = logs.redact_excerpt(outcome.response)
+    if outcome.cause:
+        outcome.cause = logs.redact(outcome.cause)
+    if outcome.headers and outcome.kind != DELIVERED:
+        headers = http1.Headers()
+        for name, value in outcome.headers.items():
+            headers.add(logs.redact(name), logs.redact(value))
+        outcome.headers = headers
+    return outcome
 
 
 def _token_outcome(exc: TokenError) -> Outcome:

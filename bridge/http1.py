@@ -387,7 +387,9 @@ class ResponseParser:
             if "," in value:  # a repeated header; allowed only when all copies agree
                 copies = {v.strip() for v in value.split(",")}
                 value = copies.pop() if len(copies) == 1 else ""
-            if not value.isdigit() or not value.isascii():
+            # More than 19 digits is beyond any real body (and int() of a huge digit
+            # string costs time): a protocol error, like a sign or a non-digit.
+            if not value.isdigit() or not value.isascii() or len(value) > 19:
                 raise ProtocolError(f"bad Content-Length {length[:40]!r}")
             self._remaining = int(value)
             if self._remaining == 0:

@@ -69,6 +69,8 @@ class Ingest:
         self.backpressure = backpressure
         self.accepted = 0
         self.isolated = 0  # messages the boundary turned into `invalid` events
+        self.quota = store.max_size  # the configured store.max_size (0: none)
+        self._unrecorded = 0
         self._held: deque[_Held] = deque()
         self._commit_group: _CommitGroup | None = None
         metrics.set_known_types(_configured_types(decoders, rules))
@@ -90,10 +92,15 @@ class Ingest:
         try:
             events = self.decode(message)
             events, change = self.registry.observe(events)
+            if change.seen:
+                self.sync_quota()
+            if self.registry.unrecorded != self._unrecorded:
+                self._registry_full()
             items = self.route(events)
         except Exception as exc:  # the isolation boundary: see the module docstring
             if change:
                 self.registry.revert(change)
+                self.sync_quota()
             items, change = self._isolated(message, exc)
         return self.queue(items, change)
 
@@ -115,6 +122,21 @@ class Ingest:
         except Exception as again:  # a broken rule: still commit and ack the message
             log.error("invalid event not routed", cause=f"{type(again).__name__}: {again}")
             return [], None
+
+    def sync_quota(self) -> None:
+        """The recorded devices count toward store.max_size: the queue gets the rest."""
+        if self.quota:
+            self.store.max_size = max(self.quota - self.registry.bytes, 1)
+
+    def _registry_full(self) -> None:
+        new = self.registry.unrecorded - self._unrecorded
+        self.metrics.devices_unrecorded.inc(new)
+        if self._unrecorded == 0 or self.registry.unrecorded // 1000 > self._unrecorded // 1000:
+            log.warning("device registry full: new devices are not recorded (their events "
+                        "flow without device.created)", limit=self.registry.limit,
+                        unrecorded_messages=self.registry.unrecorded,
+                        fix="webhook-bridge devices delete <id>, or raise store.max_size")
+        self._unrecorded = self.registry.unrecorded
 
     # -- the steps ----------------------------------------------------------------------
 
@@ -181,6 +203,7 @@ class Ingest:
         if future.cancelled() or future.exception() is not None:
             for change in reversed(group.changes):
                 self.registry.revert(change)  # the redelivery must see the device as new
+            self.sync_quota()
             self.metrics.messages_rejected.inc(group.messages)
             log.error("messages not stored; the broker will send them again",
                       messages=group.messages, cause=str(future.exception()))

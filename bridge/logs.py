@@ -8,12 +8,15 @@ line, wherever it appears (inside an error message, a URL, a header dump).
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import os
 import re
 import sys
 import threading
 import traceback
+import urllib.parse
 from collections.abc import Iterable, MutableMapping
 from typing import Any
 
@@ -26,27 +29,70 @@ _AUTH_HEADER = re.compile(r"(?i)((?:authorization|x-auth-token)['\"]?\s*[:=]\s*[
                           r"(basic|bearer)?\s*[^'\",}\s]+")
 
 
-_rotating: dict[str, str] = {}
+_rotating: dict[str, tuple[str, set[str]]] = {}
+# Control characters a terminal acts on (C0 but tab and newline, DEL, C1) and the bidi
+# overrides that reorder what is shown: text from devices and endpoints is escaped.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def secret_forms(value: str) -> set[str]:
+    """``value`` as it may come back inside a response: as is, JSON-escaped (an endpoint
+    that echoes headers as JSON), percent-encoded (an echoed URL or form)."""
+    return {value, json.dumps(value, ensure_ascii=False)[1:-1],
+            json.dumps(value)[1:-1], urllib.parse.quote(value, safe="")}
+
+
+def basic_forms(username: str | None, password: str | None) -> list[str]:
+    """A Basic credential in both forms: ``user:pass`` and its base64 (the header)."""
+    if not password:
+        return []
+    pair = f"{username or ''}:{password}"
+    return [password, pair, base64.b64encode(pair.encode()).decode("ascii")]
+
+
+def url_secrets(url: str | None) -> list[str]:
+    """The credentials of a URL's userinfo (``https://user:pass@host``), in every form
+    they are sent in: percent-encoded as written, decoded, and as Basic auth."""
+    if not url or "@" not in url:
+        return []
+    try:
+        parts = urllib.parse.urlsplit(url)
+        username, password = parts.username, parts.password
+    except ValueError:
+        return []
+    if password is None:
+        return [username] if username else []
+    plain = urllib.parse.unquote(password)
+    return [password, f"{username}:{password}",
+            *basic_forms(urllib.parse.unquote(username or ""), plain)]
 
 
 def register_secrets(values: Iterable[str | None]) -> None:
-    """Remember values that must never be logged (shorter than 4 chars are ignored)."""
-    new = {v for v in values if v and len(v) >= 4} - _secrets
+    """Remember values that must never be logged or stored (shorter than 4 chars are
+    ignored), with their escaped forms."""
+    new = _forms(values) - _secrets
     if new:
         _secrets.update(new)
         _compile()
+
+
+def _forms(values: Iterable[str | None]) -> set[str]:
+    return {f for v in values if v and len(v) >= 4 for f in secret_forms(v) if len(f) >= 4}
 
 
 def register_rotating(slot: str, value: str) -> None:
     """A secret that replaces its predecessor (an OAuth2 access token): the old one is
     forgotten so years of hourly tokens do not pile up in the pattern."""
     old = _rotating.get(slot)
-    if old == value:
+    if old is not None and old[0] == value:
         return
+    forms = _forms([value])
     if old is not None:
-        _secrets.discard(old)
-    _rotating[slot] = value
-    register_secrets([value])
+        # Forget the old token's forms, unless another registration still needs them.
+        kept = {f for other, (_, fs) in _rotating.items() if other != slot for f in fs}
+        _secrets.difference_update(old[1] - kept - forms)
+    _rotating[slot] = (value, forms)
+    _secrets.update(forms)
     _compile()
 
 
@@ -64,9 +110,40 @@ def redact(text: str) -> str:
                             + "***", text)
 
 
+def redact_excerpt(text: str) -> str:
+    """:func:`redact` for a response excerpt, which was cut at a size limit: a secret cut
+    in two by that limit leaves its beginning at the very end, and that goes too."""
+    text = redact(text)
+    if _pattern is None or not text:
+        return text
+    for secret in _secrets:
+        # The longest tail of ``text`` that begins ``secret`` (6 characters or more: a
+        # shorter one says little, and would cut ordinary words).
+        head = secret[:_CUT_MIN]
+        start = text.rfind(head, max(0, len(text) - len(secret)))
+        while start >= 0:
+            if len(text) - start >= _CUT_MIN and secret.startswith(text[start:]):
+                text = text[:start] + "***"
+                break
+            start = text.rfind(head, max(0, len(text) - len(secret)), start)
+    return text
+
+
+_CUT_MIN = 6
+
+
+def printable(text: str) -> str:
+    """``text`` safe to print on a terminal: control characters (ESC and the others, but
+    newline and tab; CR only before LF) and bidi overrides shown as ``\\u001b`` escapes,
+    valid inside a JSON string too."""
+    if "\r" in text:
+        text = text.replace("\r\n", "\n")
+    return _CONTROL.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
 def _redact_value(value: Any) -> Any:
     if isinstance(value, str):
-        return redact(value)
+        return printable(redact(value))
     if isinstance(value, dict):
         return {k: _redact_value(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -163,18 +240,43 @@ def setup(format: str = "auto", level: str = "info", stream: Any = None) -> None
 
 
 def config_secrets(config: Any) -> list[str | None]:
-    """Every secret value a loaded configuration holds."""
+    """Every secret value a loaded configuration holds, in each form it is sent in."""
     values: list[str | None] = [config.mqtt.password, config.admin.token]
+    values += basic_forms(config.mqtt.username, config.mqtt.password)
+    values += url_secrets(getattr(config.mqtt, "proxy", None))
     for webhook in config.webhooks:
-        auth = webhook.auth
-        values += [auth.password, auth.token, auth.value, auth.client_secret]
-        if webhook.signing is not None:
-            values.append(webhook.signing.secret)
-        if webhook.proxy:
-            from .proxy import proxy_secrets  # imports this module
+        values += webhook_secrets(webhook)
+    from .signing import stored_secrets  # generated signing secrets, in the state dir
 
-            values += proxy_secrets(webhook.proxy)
+    values += [f for secret in stored_secrets(config.state_dir) for f in signing_forms(secret)]
     return values
+
+
+def webhook_secrets(webhook: Any) -> list[str | None]:
+    """A webhook's secrets: auth (Basic also as ``user:pass`` and base64), OAuth2 client
+    secret, URL and proxy userinfo, signing secret (``whsec_`` and its key part)."""
+    auth = webhook.auth
+    values: list[str | None] = [auth.password, auth.token, auth.value, auth.client_secret]
+    if auth.type == "basic":
+        values += basic_forms(auth.username, auth.password)
+    if auth.type == "oauth2":
+        values += basic_forms(auth.client_id, auth.client_secret)
+    for url in (webhook.url, auth.token_url, getattr(webhook, "proxy", None)):
+        values += url_secrets(url if isinstance(url, str) else None)
+    if getattr(webhook, "proxy", None):
+        from .proxy import proxy_secrets  # imports this module
+
+        values += proxy_secrets(webhook.proxy)
+    if webhook.signing is not None:
+        values += signing_forms(webhook.signing.secret)
+    return values
+
+
+def signing_forms(secret: str | None) -> list[str]:
+    """A signing secret as written (``whsec_<base64>``) and its key part alone."""
+    if not secret:
+        return []
+    return [secret, secret[6:]] if secret.startswith("whsec_") else [secret]
 
 
 _json_active = False

@@ -89,6 +89,9 @@ class Metrics:
         self.isolated = Counter(
             "webhook_bridge_isolated_messages",
             "Messages whose processing failed, queued as one invalid event", registry=r)
+        self.devices_unrecorded = Counter(
+            "webhook_bridge_devices_unrecorded",
+            "Messages from new devices the full device registry did not record", registry=r)
         self.known_types: frozenset[str] = SPEC_TYPES
         self._dynamic_types: set[str] = set()
         self._event_counters: dict[tuple[str, str], Counter] = {}

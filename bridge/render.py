@@ -213,11 +213,16 @@ class Renderer:
         return Request(self.webhook.method, url, headers, body)
 
 
+_ITEM_IDS = frozenset({"id", "event_id"})
+
+
 def _batch_item(index: int, event_id: str, value: Any) -> dict[str, Any]:
-    """Zerynth's ``{"id": "0", ...}`` item; the event's own id moves to ``event_id``."""
+    """Zerynth's ``{"id": "0", ...}`` item; the event's own id moves to ``event_id``.
+    Neither can be overwritten by the value (a payload or a template may carry either
+    key): the endpoint deduplicates on them."""
     item: dict[str, Any] = {"id": str(index), "event_id": event_id}
     if isinstance(value, dict):
-        item.update((k, v) for k, v in value.items() if k != "id")
+        item.update((k, v) for k, v in value.items() if k not in _ITEM_IDS)
     else:
         item["payload"] = value
     return item

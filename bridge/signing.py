@@ -207,6 +207,21 @@ _Entry = dict[str, Any]
 _Data = dict[str, _Entry]
 
 
+def stored_secrets(state_dir: str) -> list[str]:
+    """Every secret ``secrets.json`` holds (current, pending, previous): generated secrets
+    are secrets too, to be redacted wherever an endpoint echoes one. Empty when the file
+    is missing or unreadable (reading it is then someone else's error to report)."""
+    try:
+        data = SecretKeeper(state_dir)._load()
+    except SecretStoreError:
+        return []
+    found: list[str] = []
+    for entry in data.values():
+        found += [entry[k] for k in ("current", "pending") if k in entry]
+        found += [p["secret"] for p in entry["previous"]]
+    return found
+
+
 class SecretKeeper:
     """Generated and rotated signing secrets per webhook, in ``<state_dir>/secrets.json``.
 

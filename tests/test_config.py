@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 import yaml
 from hypothesis import given
 from hypothesis import strategies as st
@@ -222,8 +223,13 @@ webhooks:
 
 
 def full_config(tmp_path: Path) -> Path:
-    for name in ("certs/ca.pem", "certs/c.pem", "certs/c.key"):
-        write(tmp_path / name, "PEM\n")
+    # `check` loads every TLS file it names: real ones.
+    ca = trustme.CA()
+    (tmp_path / "certs").mkdir()
+    ca.cert_pem.write_to_path(str(tmp_path / "certs/ca.pem"))
+    client = ca.issue_cert("gateway.example")
+    client.cert_chain_pems[0].write_to_path(str(tmp_path / "certs/c.pem"))
+    client.private_key_pem.write_to_path(str(tmp_path / "certs/c.key"))
     write(tmp_path / "secrets" / "mqtt", "pw\n")
     write(tmp_path / "secrets" / "oauth", "cs\n")
     return write(tmp_path / "c.yaml", FULL)
@@ -427,6 +433,11 @@ def test_duplicate_yaml_key(tmp_path: Path) -> None:
     ("auth: {type: digest}", "use one of: none, basic, bearer, header, oauth2"),
     ("tls: {cert_file: /etc/hostname}", "cert_file and key_file go together"),
     ("tls: {ca_file: /nonexistent.pem}", "file '/nonexistent.pem' does not exist"),
+    ("tls: {ca_file: /etc/hostname}", "cannot load CA certificates from '/etc/hostname':"
+     " no certificate in the file; give a PEM file of CA certificates"),
+    ("tls: {cert_file: /etc/hostname, key_file: /etc/hostname}",
+     "cannot load the client certificate '/etc/hostname' with key '/etc/hostname': not a PEM"
+     " file, or the key does not match the certificate"),
     ('body: {a: "{x"}', "unclosed '{'"),
 ])
 def test_webhook_value_errors(tmp_path: Path, line: str, expected: str) -> None:

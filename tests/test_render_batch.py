@@ -54,3 +54,21 @@ def test_a_stored_event_that_does_not_begin_with_its_id_falls_back() -> None:
     assert renderer.render_stored_batch([(reordered, event.id)], "d", "bat_1") is None
     other_id = dumps(event.envelope())
     assert renderer.render_stored_batch([(other_id, "evt_other")], "d", "bat_1") is None
+
+
+@given(st.sampled_from(["payload", "body"]), st.integers() | st.text(max_size=8))
+def test_a_payload_key_never_replaces_the_ids_of_a_batch_item(shape: str, extra: object
+                                                              ) -> None:
+    """A device (or a body template fed by it) that sends ``id``/``event_id`` keys cannot
+    change the ids an endpoint deduplicates on."""
+    webhook = WebhookConfig(
+        name="cloud", url="https://example.com/in", batch=BatchConfig(10, 1.0),
+        envelope="payload" if shape == "payload" else "event",
+        body={"id": "{payload.id}", "event_id": "{payload.event_id}", "x": "{payload.x}"}
+        if shape == "body" else None)
+    events = [Event(type="telemetry", source="s", topic="t", device_id="d",
+                    payload={"id": "evil", "event_id": "evt_forged", "x": extra})
+              for _ in range(3)]
+    body = json.loads(Renderer(webhook, "ua").render(events, "bat_1").body)
+    assert [(i["id"], i["event_id"]) for i in body["result"]] == [
+        (str(n), e.id) for n, e in enumerate(events)]
