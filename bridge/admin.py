@@ -238,7 +238,7 @@ class AdminServer:
     async def create(self, request: web.Request) -> web.Response:
         body = await _json_object(request)
         state = _take_state(body)
-        webhook = self._validate(body, str(body.get("name", "?")))
+        webhook = await self._checked(body, str(body.get("name", "?")))
         name = webhook.name
         async with self._lock:
             if self.config.webhook(name) is not None or os.path.exists(self._file(name)):
@@ -260,7 +260,7 @@ class AdminServer:
         if body.setdefault("name", name) != name:
             raise Reject(422, {"errors": [f"name: renaming is not supported; POST {API} a new "
                                           f"webhook and DELETE {API}/{name}"]})
-        webhook = self._validate(unredact(body, dump_webhook(current)), name)
+        webhook = await self._checked(unredact(body, dump_webhook(current)), name)
         async with self._lock:
             self._check_managed(name)
             await self._apply(name, _yaml(webhook))
@@ -293,6 +293,17 @@ class AdminServer:
         log.info("webhook state changed via API", webhook=webhook.name, state=state,
                  remote=request.remote)
         return web.json_response(await self._current(webhook.name))
+
+    async def _checked(self, body: dict[str, Any], name: str) -> WebhookConfig:
+        """:meth:`_validate` for a change: a refused one is a failed change (logged,
+        shown by ``status`` and ``/readyz``) like a reload that does not apply."""
+        try:
+            return self._validate(body, name)
+        except Reject as reject:
+            if reject.status == 422:
+                await self.bridge.refuse_change(f"API change of webhook {name}",
+                                                list(reject.body["errors"]))
+            raise
 
     def _validate(self, body: dict[str, Any], name: str) -> WebhookConfig:
         config = self.config

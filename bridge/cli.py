@@ -141,7 +141,13 @@ def _ms(ts: float | None) -> int | None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    config = _load(args)
+    try:
+        config = _load(args)
+    except ConfigError:
+        # A running daemon keeps its previous configuration meanwhile (/readyz says so).
+        print("CHANGE NOT APPLIED: the configuration on disk does not load; a running "
+              "daemon keeps the previous one. Fix these problems:", file=sys.stderr)
+        raise
     conn = _open_store(config)
     try:
         rows = status_rows(config, conn)

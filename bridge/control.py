@@ -43,6 +43,10 @@ class BridgeControl(Protocol):
         :class:`~bridge.config.ConfigError` or :class:`~bridge.errors.ChangeError`, run
         ``undo`` and change nothing when it cannot be applied in full."""
 
+    async def refuse_change(self, why: str, problems: list[str]) -> None:
+        """Record a change refused before it reached the configuration (log line,
+        ``status``, ``/readyz``), as :meth:`reload` records one that failed."""
+
     async def set_webhook_state(self, name: str, state: str,
                                 reason: str = "changed via API") -> None:
         """Write a webhook's state through the store's one ordered path and apply it."""

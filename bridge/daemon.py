@@ -418,6 +418,10 @@ class Bridge:
         log.info("configuration reloaded", why=why, webhooks=len(self.workers),
                  changed=changed)
 
+    async def refuse_change(self, why: str, problems: list[str]) -> None:
+        """A change refused before it was written (the API's validation)."""
+        await self._record_failure(why, problems)
+
     async def _record_failure(self, why: str, problems: list[str] | None) -> None:
         """Note (``problems``) or clear (None) the failed change, here and in the store
         (where ``webhook-bridge status`` reads it)."""
