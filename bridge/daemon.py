@@ -112,6 +112,9 @@ class Bridge:
         self.notifier: Any = None
         self.source = MqttSource(config.mqtt, self._filters(), self.ingest.take)
         self.source.on_connected = self.metrics.mqtt_connects.inc
+        # Redelivery (SPEC §5): the store remembers committed packet ids until acked.
+        self.source.on_acked = self.store.acked
+        self.source.on_session = self._mqtt_session
         self._tasks: list[asyncio.Task[Any]] = []
         self.store.on_enqueued = self._enqueued
         self.store.on_full = self._store_full
@@ -158,6 +161,10 @@ class Bridge:
             worker.wake()
         for rows in by_webhook.values():  # a worker that went away meanwhile
             self.store.leased.difference_update(r.id for r in rows)
+
+    def _mqtt_session(self, present: bool) -> None:
+        if not present:
+            self.store.new_session()
 
     def _store_full(self, full: bool, cause: str) -> None:
         """The disk is full (or resumed): pause MQTT intake, keeping the connection; the

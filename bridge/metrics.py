@@ -71,6 +71,10 @@ class Metrics:
             "webhook_bridge_store_damaged",
             "1 when a damaged queue database was moved aside at start (store.on_damage)",
             registry=r)
+        self.redelivered = Counter(
+            "webhook_bridge_messages_redelivered",
+            "Broker redeliveries (DUP) of messages already committed: acknowledged, not "
+            "queued again", registry=r)
         self.intake_paused = Gauge(
             "webhook_bridge_intake_paused",
             "1 while MQTT intake is paused because the store cannot be written (disk full)",
