@@ -635,6 +635,8 @@ class Section:
         value = self.raw(key)
         if value is MISSING:
             return value
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)  # qos: 1.0 is 1, as JSON Schema (and so the schema) says
         options = list(allowed)
         by_text = {str(option).lower(): option for option in options}
         if not isinstance(value, (dict, list, bool)) and str(value).lower() in by_text:

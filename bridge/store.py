@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import os
 import sqlite3
 import time
@@ -114,6 +115,10 @@ CREATE TABLE IF NOT EXISTS firmware (
     PRIMARY KEY (device, instance)
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+-- MQTT messages committed but maybe not acknowledged (SPEC §5): a DUP redelivery of one
+-- (same packet id, topic and payload digest) is acknowledged without queuing it again.
+CREATE TABLE IF NOT EXISTS unacked (mid INTEGER PRIMARY KEY, topic TEXT NOT NULL,
+                                    digest BLOB NOT NULL);
 """
 SCHEMA_VERSION = "1"
 
@@ -153,6 +158,9 @@ class NewDelivery:
 class _EnqueueBatch:
     items: list[NewDelivery] = field(default_factory=list)
     also: list[Any] = field(default_factory=list)
+    acks: dict[int, tuple[str, bytes]] = field(default_factory=dict)  # mid: topic, digest
+    forget: set[int] = field(default_factory=set)  # mids acknowledged since
+    forget_all: bool = False
     now: float = field(default_factory=time.time)
     future: asyncio.Future[Any] | None = None
     dropped: dict[str, int] = field(default_factory=dict)
@@ -278,6 +286,12 @@ class Store:
         # Deliveries a worker holds (prefetched or in flight): the quota never drops them,
         # so a dropped delivery is never sent and a sent one is never counted as dropped.
         self.leased: set[int] = set()
+        # Packet ids of committed messages not known to be acknowledged (loop thread).
+        self.unacked: dict[int, tuple[str, bytes]] = dict(
+            (m, (t, d)) for m, t, d in self._writer.execute(
+                "SELECT mid, topic, digest FROM unacked"))
+        self._forget: set[int] = set()
+        self._forget_all = False
         self.bytes_queued = self._measure(self._writer)
         # Ids of the block reserved in sqlite_sequence (writer thread only).
         self._next_id = 1
@@ -327,14 +341,22 @@ class Store:
     # mark) made while the previous commit was in progress becomes ONE operation of the
     # next group, with one shared future.
 
-    def enqueue(self, items: list[NewDelivery], also: Operation | None = None
-                ) -> asyncio.Future[Any]:
-        """Queue ``items`` (plus the registry change ``also``) in the next commit."""
+    def enqueue(self, items: list[NewDelivery], also: Operation | None = None,
+                ack: tuple[int, str, bytes] | None = None) -> asyncio.Future[Any]:
+        """Queue ``items`` (plus the registry change ``also``) in the next commit; ``ack``
+        (packet id, topic, payload digest) is remembered in the same commit until
+        :meth:`acked` (see :meth:`redelivered`)."""
         batch = self._enqueue_batch
         if batch is None:
             batch = self._enqueue_batch = _EnqueueBatch()
             future = self.submit(self.op_enqueue_batch(batch))
             batch.future = future
+            # Acks sent since the last commit are forgotten in this one (no commit of
+            # their own: a forgotten entry costs nothing until its packet id returns).
+            batch.forget, self._forget = self._forget, set()
+            batch.forget_all, self._forget_all = self._forget_all, False
+        if ack is not None:
+            batch.acks[ack[0]] = (ack[1], ack[2])
         batch.items.extend(items)
         if also is not None:
             batch.also.append(also)
@@ -354,6 +376,22 @@ class Store:
         ids_.extend(ids)
         batch[webhook] = (ids_, attempts + 1, now)
         return self._delivered_future
+
+    def redelivered(self, mid: int, topic: str, digest: bytes) -> bool:
+        """A DUP redelivery of a message already committed (acknowledge it, queue
+        nothing)."""
+        return self.unacked.get(mid) == (topic, digest)
+
+    def acked(self, mid: int) -> None:
+        """The ack of packet ``mid`` went out: forget it (in the next enqueue's commit)."""
+        if self.unacked.pop(mid, None) is not None:
+            self._forget.add(mid)
+
+    def new_session(self) -> None:
+        """The broker kept no session: it will redeliver nothing, forget every entry."""
+        if self.unacked:
+            self.unacked.clear()
+            self._forget_all = True
 
     async def read(self, query: Callable[[sqlite3.Connection], T]) -> T:
         loop = asyncio.get_running_loop()
@@ -418,6 +456,7 @@ class Store:
             self.leased.difference_update(r.id for r in batch.handed)
             batch.handed = []
             return
+        self.unacked.update(batch.acks)
         if self.on_enqueued is not None:
             try:
                 self.on_enqueued(batch.dropped, batch.handed)
@@ -566,6 +605,15 @@ class Store:
             # rows were rolled back, so are their leases.
             self.leased.difference_update(r.id for r in batch.handed)
             batch.handed = []
+            if batch.forget_all:
+                conn.execute("DELETE FROM unacked")
+            elif batch.forget:
+                for marks, chunk in _id_lists(list(batch.forget)):
+                    conn.execute(f"DELETE FROM unacked WHERE mid IN ({marks})", chunk)
+            if batch.acks:
+                conn.executemany("INSERT OR REPLACE INTO unacked (mid, topic, digest)"
+                                 " VALUES (?, ?, ?)",
+                                 [(m, t, d) for m, (t, d) in batch.acks.items()])
             for also in batch.also:
                 also(conn)
             batch.dropped, first, stored = self._insert(conn, batch.items, batch.now)
@@ -926,6 +974,21 @@ def move_to_dead_letters(conn: sqlite3.Connection, ids: list[int], reason: str,
         " SELECT webhook, event_id, device_id, event, created, ?, attempts + ?,"
         " COALESCE(?, last_status), ?, COALESCE(?, last_error) FROM deliveries WHERE id = ?",
         [(now, extra_attempts, status, reason, response, i) for i in ids])
+
+
+def write_failed_change(conn: sqlite3.Connection, change: dict[str, Any] | None) -> None:
+    """Record (None: clear) the live change the daemon could not apply, for ``status``."""
+    if change is None:
+        conn.execute("DELETE FROM meta WHERE key = 'failed_change'")
+    else:
+        conn.execute("INSERT INTO meta (key, value) VALUES ('failed_change', ?) ON CONFLICT"
+                     " (key) DO UPDATE SET value = excluded.value",
+                     (json.dumps(change, separators=(",", ":")),))
+
+
+def read_failed_change(conn: sqlite3.Connection) -> dict[str, Any] | None:
+    row = conn.execute("SELECT value FROM meta WHERE key = 'failed_change'").fetchone()
+    return json.loads(row[0]) if row else None
 
 
 def bump_generation(conn: sqlite3.Connection) -> None:
