@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import os
 import sqlite3
 import time
@@ -1067,6 +1068,21 @@ def move_to_dead_letters(conn: sqlite3.Connection, ids: list[int], reason: str,
         " SELECT webhook, event_id, device_id, event, created, ?, attempts + ?,"
         " COALESCE(?, last_status), ?, COALESCE(?, last_error) FROM deliveries WHERE id = ?",
         [(now, extra_attempts, status, reason, response, i) for i in ids])
+
+
+def write_failed_change(conn: sqlite3.Connection, change: dict[str, Any] | None) -> None:
+    """Record (None: clear) the live change the daemon could not apply, for ``status``."""
+    if change is None:
+        conn.execute("DELETE FROM meta WHERE key = 'failed_change'")
+    else:
+        conn.execute("INSERT INTO meta (key, value) VALUES ('failed_change', ?) ON CONFLICT"
+                     " (key) DO UPDATE SET value = excluded.value",
+                     (json.dumps(change, separators=(",", ":")),))
+
+
+def read_failed_change(conn: sqlite3.Connection) -> dict[str, Any] | None:
+    row = conn.execute("SELECT value FROM meta WHERE key = 'failed_change'").fetchone()
+    return json.loads(row[0]) if row else None
 
 
 def bump_generation(conn: sqlite3.Connection) -> None:
