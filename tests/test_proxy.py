@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -167,7 +168,9 @@ class TestProxy:
 
     __test__ = False  # not a test class for pytest
 
-    def __init__(self, credentials: tuple[str, str] | None = None) -> None:
+    def __init__(self, credentials: tuple[str, str] | None = None,
+                 hosts: dict[str, str] | None = None) -> None:
+        self.hosts = hosts or {}  # the proxy's own name resolution (the gateway has none)
         self.expected = None if credentials is None else "Basic " + base64.b64encode(
             f"{credentials[0]}:{credentials[1]}".encode()).decode()
         self.connects: list[str] = []  # CONNECT targets that were tunnelled
@@ -231,7 +234,9 @@ class TestProxy:
     async def _tunnel(self, target: str, reader: asyncio.StreamReader,
                       writer: asyncio.StreamWriter) -> None:
         host, _, port = target.rpartition(":")
-        up_reader, up_writer = await asyncio.open_connection(host.strip("[]"), int(port))
+        host = host.strip("[]")
+        up_reader, up_writer = await asyncio.open_connection(self.hosts.get(host, host),
+                                                             int(port))
         self.writers.add(up_writer)
         writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
 
@@ -291,6 +296,34 @@ async def test_http1_tunnel_is_reused_and_keyed_by_route(certs: Certificates,
         await proxy.stop()
 
 
+async def test_http1_tunnel_tls_is_with_the_endpoint_by_name(certs: Certificates) -> None:
+    """Through the tunnel, SNI and the certificate check use the endpoint's name (which
+    only the proxy can resolve here): its certificate names api.example.test only."""
+    named = certs.ca.issue_cert("api.example.test")
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    named.configure_cert(server_context)
+    sni: list[str | None] = []
+    server_context.sni_callback = lambda _sock, name, _ctx: sni.append(name)  # type: ignore
+    server = await Endpoint(ssl_context=server_context).start()
+    proxy = await TestProxy(hosts={"api.example.test": "127.0.0.1"}).start()
+    pool = http1.ConnectionPool(1, 5.0, lambda: _client_context(certs),
+                                ProxyChoice(f"http://127.0.0.1:{proxy.port}"))
+    try:
+        url = f"https://api.example.test:{server.port}/named"
+        response = await pool.request("POST", url, {"X-N": "1"}, b'{"n": 1}')
+        assert response.status == 200 and response.body == b"ok"
+        assert sni == ["api.example.test"]
+        assert proxy.connects == [f"api.example.test:{server.port}"]
+        [received] = server.requests
+        assert (received.path, received.body, received.host, received.headers["X-N"]) == (
+            "/named", b'{"n": 1}', f"api.example.test:{server.port}", "1")
+        assert "Proxy-Authorization" not in received.headers
+    finally:
+        await pool.close()
+        await proxy.stop()
+        await server.stop()
+
+
 async def test_http1_tunnel_verifies_the_endpoint_certificate(certs: Certificates,
                                                               endpoint: Endpoint) -> None:
     """The TLS inside the tunnel is checked against the endpoint, not the proxy: an
@@ -345,8 +378,6 @@ async def test_http1_proxy_failures_are_plain(certs: Certificates, endpoint: End
 
 
 def _client_context(certs: Certificates) -> Any:
-    import ssl
-
     context = ssl.create_default_context()
     certs.ca.configure_trust(context)
     return context
