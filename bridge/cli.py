@@ -42,6 +42,7 @@ from .store import (
     dead_list,
     dead_purge,
     dead_replay,
+    read_failed_change,
     set_state,
     transaction,
     webhook_rows,
@@ -150,16 +151,27 @@ def _ms(ts: float | None) -> int | None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    config = _load(args)
+    try:
+        config = _load(args)
+    except ConfigError:
+        # A running daemon keeps its previous configuration meanwhile (/readyz says so).
+        print("CHANGE NOT APPLIED: the configuration on disk does not load; a running "
+              "daemon keeps the previous one. Fix these problems:", file=sys.stderr)
+        raise
     conn = _open_store(config)
     try:
         rows = status_rows(config, conn)
         damage = store_check.recorded(conn)
+        failed = read_failed_change(conn)
     finally:
         conn.close()
     if args.json:
-        print(json.dumps({"webhooks": rows, "store": {"damage": damage}}, indent=2))
+        print(json.dumps({"webhooks": rows, "store": {"damage": damage},
+                          "failed_change": failed}, indent=2))
         return EX_OK
+    if failed is not None:
+        print(f"CHANGE NOT APPLIED at {_iso(failed['at'] / 1000)} ({failed['change']}): "
+              f"{'; '.join(failed['problems'])}; still running the previous configuration")
     if damage is not None:
         print(f"STORE DAMAGED at {_iso(float(damage['at']))}: {damage['damage']}; moved aside "
               f"to {damage['moved_to']} (deliveries queued there were not sent; delete it "
