@@ -79,9 +79,19 @@ def _print_problems(error: ConfigError) -> None:
 # -- commands --------------------------------------------------------------------------
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from .checks import warnings
+
     config = _load(args)
+    found = warnings(config)
+    for warning in found:
+        print(f"{config.path}: warning: {warning}", file=sys.stderr)
+    if found and args.strict:
+        print(f"{len(found)} warning{'s' if len(found) != 1 else ''} (--strict); nothing "
+              "was started", file=sys.stderr)
+        return EX_CONFIG
+    note = f", {len(found)} warning{'s' if len(found) != 1 else ''}" if found else ""
     print(f"{config.path}: ok ({len(config.sources)} sources, "
-          f"{len(config.webhooks)} webhooks)")
+          f"{len(config.webhooks)} webhooks{note})")
     return EX_OK
 
 
@@ -405,8 +415,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = add("run", cmd_run, "run the daemon (systemd Type=notify; SIGHUP reloads)")
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                      help="override log.level")
-    add("check", cmd_check, "validate the configuration and print every problem "
-        "(exit 0 ok, 78 problems)")
+    check = add("check", cmd_check, "validate the configuration and print every problem "
+                "(exit 0 ok, 78 problems), then warn about placeholders no event can fill "
+                "and requests that do not render for a sample event")
+    check.add_argument("--strict", action="store_true",
+                       help="treat warnings as problems (exit 78)")
     status = add("status", cmd_status, "per-webhook state and counters, and the last error")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("--wide", action="store_true",
