@@ -155,20 +155,12 @@ class Bridge:
     # -- commits to workers --------------------------------------------------------------
 
     def _enqueued(self, dropped: dict[str, int], handed: list[Delivery]) -> None:
-        """After each commit that queued deliveries: count drops, give idle workers
-        their new rows directly, and wake the rest."""
+        """After each commit that queued deliveries (the store has already handed caught-up
+        workers their new rows): count drops and wake the workers."""
         if dropped:
             self._drops.add(dropped)
-        by_webhook: dict[str, list[Delivery]] = {}
-        for row in handed:
-            by_webhook.setdefault(row.webhook, []).append(row)
-        for name, worker in self.workers.items():
-            rows = by_webhook.pop(name, None)
-            if rows:
-                worker.offer(rows)
+        for worker in self.workers.values():
             worker.wake()
-        for rows in by_webhook.values():  # a worker that went away meanwhile
-            self.store.leased.difference_update(r.id for r in rows)
 
     def _mqtt_session(self, present: bool) -> None:
         if not present:
@@ -313,7 +305,6 @@ class Bridge:
                     pruned_at = time.monotonic()
                     await self.prune_dead_letters()
                 await self._record_in_flight()
-                self._reconcile_leases()
                 if self._config_files() != self._files_seen:
                     await self.reload_logged("a configuration file changed")
             except Exception as exc:  # keep watching whatever happens
@@ -371,20 +362,6 @@ class Bridge:
             if events:
                 await self.ingest.enqueue_events(events, change)
                 log.info("lwm2m registrations expired", devices=[e.device_id for e in events])
-
-    def _reconcile_leases(self) -> None:
-        """A safety net: a lease no worker holds would hide its delivery from every
-        query. Release such leases and make the workers look at the queue again."""
-        held: set[int] = set()
-        for worker in self.workers.values():
-            held |= worker.held_ids()
-        orphans = self.store.leased - held
-        if orphans:
-            log.warning("released deliveries no worker held", count=len(orphans),
-                        ids=sorted(orphans)[:10])
-            self.store.leased.difference_update(orphans)
-            for worker in self.workers.values():
-                worker.resync()
 
     async def _record_in_flight(self) -> None:
         counts = {name: len(w.in_flight) for name, w in self.workers.items()}
