@@ -42,6 +42,7 @@ from .store import (
     dead_list,
     dead_purge,
     dead_replay,
+    read_failed_change,
     set_state,
     transaction,
     webhook_rows,
@@ -78,9 +79,19 @@ def _print_problems(error: ConfigError) -> None:
 # -- commands --------------------------------------------------------------------------
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from .checks import warnings
+
     config = _load(args)
+    found = warnings(config)
+    for warning in found:
+        print(f"{config.path}: warning: {warning}", file=sys.stderr)
+    if found and args.strict:
+        print(f"{len(found)} warning{'s' if len(found) != 1 else ''} (--strict); nothing "
+              "was started", file=sys.stderr)
+        return EX_CONFIG
+    note = f", {len(found)} warning{'s' if len(found) != 1 else ''}" if found else ""
     print(f"{config.path}: ok ({len(config.sources)} sources, "
-          f"{len(config.webhooks)} webhooks)")
+          f"{len(config.webhooks)} webhooks{note})")
     return EX_OK
 
 
@@ -140,16 +151,27 @@ def _ms(ts: float | None) -> int | None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    config = _load(args)
+    try:
+        config = _load(args)
+    except ConfigError:
+        # A running daemon keeps its previous configuration meanwhile (/readyz says so).
+        print("CHANGE NOT APPLIED: the configuration on disk does not load; a running "
+              "daemon keeps the previous one. Fix these problems:", file=sys.stderr)
+        raise
     conn = _open_store(config)
     try:
         rows = status_rows(config, conn)
         damage = store_check.recorded(conn)
+        failed = read_failed_change(conn)
     finally:
         conn.close()
     if args.json:
-        print(json.dumps({"webhooks": rows, "store": {"damage": damage}}, indent=2))
+        print(json.dumps({"webhooks": rows, "store": {"damage": damage},
+                          "failed_change": failed}, indent=2))
         return EX_OK
+    if failed is not None:
+        print(f"CHANGE NOT APPLIED at {_iso(failed['at'] / 1000)} ({failed['change']}): "
+              f"{'; '.join(failed['problems'])}; still running the previous configuration")
     if damage is not None:
         print(f"STORE DAMAGED at {_iso(float(damage['at']))}: {damage['damage']}; moved aside "
               f"to {damage['moved_to']} (deliveries queued there were not sent; delete it "
@@ -393,8 +415,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = add("run", cmd_run, "run the daemon (systemd Type=notify; SIGHUP reloads)")
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                      help="override log.level")
-    add("check", cmd_check, "validate the configuration and print every problem "
-        "(exit 0 ok, 78 problems)")
+    check = add("check", cmd_check, "validate the configuration and print every problem "
+                "(exit 0 ok, 78 problems), then warn about placeholders no event can fill "
+                "and requests that do not render for a sample event")
+    check.add_argument("--strict", action="store_true",
+                       help="treat warnings as problems (exit 78)")
     status = add("status", cmd_status, "per-webhook state and counters, and the last error")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("--wide", action="store_true",

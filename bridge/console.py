@@ -330,10 +330,15 @@ def _ids(body: dict[str, Any]) -> list[int] | None:
 async def _object(request: web.Request, empty_ok: bool = False) -> dict[str, Any]:
     if empty_ok and not (await request.read()).strip():
         return {}
+    from .admin import MAX_DEPTH, Reject, _loads  # the API's reading of untrusted JSON
+
     try:
-        data = await request.json()
+        data = await request.json(loads=_loads)
     except ValueError:
         raise _reject(400, "the body is not valid JSON") from None
+    except RecursionError:  # what `check` says of a file nested as deep
+        raise Reject(422, {"errors": [f"body: nested deeper than {MAX_DEPTH} levels; "
+                                      "flatten it"]}) from None
     if not isinstance(data, dict):
         raise _reject(422, "body: expected a JSON object")
     return data

@@ -114,6 +114,7 @@ class WebhookWorker:
         if self._prefetch is not None:
             self._prefetch.cancel()
         self._clear_ready()
+        self.store.retire(self)  # a read still under way leases nothing to us any more
         self.wake()
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=grace)
@@ -157,8 +158,7 @@ class WebhookWorker:
                     formed, wait = await self._next_batches(
                         now, 1 if single else 2 * self.webhook.concurrency)
                     if epoch != self._epoch:  # a failure meanwhile: the probe rules now
-                        self.store.leased.difference_update(
-                            r.id for rows in formed for r in rows)
+                        self.store.release(self, [r.id for rows in formed for r in rows])
                         return 0.0
                     self._formed.extend(formed)
                 take = min(1 if single else self.capacity, len(self._formed))
@@ -171,10 +171,16 @@ class WebhookWorker:
             if not self._may_still_start(epoch) or self.capacity < len(batches):
                 # An attempt failed (or the state changed) while we read the queue: the
                 # pause and the single probe now rule, so look again from the top.
-                self.store.leased.difference_update(r.id for rows in batches for r in rows)
+                self.store.release(self, [r.id for rows in batches for r in rows])
                 self._clear_ready()  # refetch in queue order: nothing may overtake these
                 return 0.0
-            for rows in batches:
+            for index, rows in enumerate(batches):
+                if not self.store.claim(self, [r.id for r in rows]):
+                    # The quota dropped one of these prefetched rows: give back what is
+                    # left and read the queue again, in order.
+                    self.store.release(self, [r.id for rest in batches[index:] for r in rest])
+                    self._clear_ready()
+                    return 0.0
                 if self._bucket is not None:
                     self._bucket.take()
                 self._start(rows)
@@ -190,31 +196,37 @@ class WebhookWorker:
         epoch = self._epoch
         self._accept_handoff(False)
         self._refilling = True
-        handoff = None if self._probing or self.state != ENABLED else (self.name, want)
+        handoff = not self._probing and self.state == ENABLED
         try:
             rows = await self.store.write(self.store.op_lease(
-                Store.q_due(self.name, None, want, exclude), handoff_if_short=handoff))
+                self, Store.q_due(self.name, None, want, exclude), handoff=handoff))
+        except BaseException:
+            offered, self._offered = self._offered, []
+            self.store.release(self, [r.id for r in offered])
+            self._accept_handoff(False)
+            raise
         finally:
             self._refilling = False
         offered, self._offered = self._offered, []
         if epoch != self._epoch:
             # A failure cleared the queue while we read: these rows were chosen around a
             # delivery that is now waiting to be retried, so they must not jump ahead.
-            self.store.leased.difference_update(r.id for r in rows + offered)
+            self.store.release(self, [r.id for r in rows + offered])
             self._accept_handoff(False)
             return
         # Rows handed over during the read were committed after it: they come last.
         self._ready.extend(rows)
         self._ready.extend(offered)
-        self._caught_up = self.name in self.store.handoff
+        self._caught_up = self.store.hands_off_to(self)
 
     def _accept_handoff(self, on: bool) -> None:
         self._caught_up = on
         if not on:
-            self.store.handoff.discard(self.name)
+            self.store.stop_handoff(self)
 
     def offer(self, rows: list[Delivery]) -> None:
-        """Deliveries just committed for this webhook (leased for it by the store)."""
+        """Deliveries just committed for this webhook, leased to this worker by the store
+        (it calls this after the commit)."""
         batch = self.webhook.batch
         limit = max(self.webhook.concurrency * 32, 256,
                     2 * self.webhook.concurrency * batch.max_events if batch else 0)
@@ -225,14 +237,8 @@ class WebhookWorker:
         else:
             # Not taking them: release them and look in the queue next time.
             self._accept_handoff(False)
-            self.store.leased.difference_update(r.id for r in rows)
+            self.store.release(self, [r.id for r in rows])
         self.wake()
-
-    def held_ids(self) -> set[int]:
-        """Every delivery this worker holds a lease for."""
-        return (self.in_flight | {r.id for r in self._ready}
-                | {r.id for rows in self._formed for r in rows}
-                | {r.id for r in self._offered})
 
     def resync(self) -> None:
         """Another process changed the queue (dead letters replayed): query it again."""
@@ -242,10 +248,9 @@ class WebhookWorker:
     def _clear_ready(self) -> None:
         self._epoch += 1
         self._accept_handoff(False)
-        self.store.leased.difference_update(
-            r.id for r in self._ready if r.id not in self.in_flight)
+        self.store.release(self, [r.id for r in self._ready if r.id not in self.in_flight])
         self._ready.clear()
-        self.store.leased.difference_update(r.id for rows in self._formed for r in rows)
+        self.store.release(self, [r.id for rows in self._formed for r in rows])
         self._formed.clear()
 
     def _take(self, limit: int) -> list[Delivery]:
@@ -314,7 +319,7 @@ class WebhookWorker:
         first = self._ready[0]
         if first.batch_id is not None:  # an earlier attempt's batch: the same members
             rows = await self.store.write(self.store.op_lease(
-                Store.q_batch(self.name, first.batch_id), skip_leased=False))
+                self, Store.q_batch(self.name, first.batch_id), mine_too=True))
             members = {r.id for r in rows}
             self._ready = deque(r for r in self._ready if r.id not in members)
             return [[r for r in rows if r.id not in self.in_flight]], None
@@ -386,7 +391,9 @@ class WebhookWorker:
                  ) -> None:
         for row in rows:
             self.in_flight.discard(row.id)
-            self.store.leased.discard(row.id)
+        # The store took the leases back with the outcome's commit; after a crash of the
+        # attempt there was none, so give them back here (a no-op otherwise).
+        self.store.release(self, [r.id for r in rows])
         if devices:
             self._free_devices(rows)
         if still_queued:
@@ -432,7 +439,8 @@ class WebhookWorker:
                                          len(rows))
         if outcome.kind == DELIVERED:
             self._step, self._probing = 0, False
-            return self.store.delivered(self.name, [r.id for r in rows], self.clock())
+            return self.store.delivered(self.name, [r.id for r in rows], self.clock(),
+                                        holder=self)
         await self._settle(rows, started, outcome)
         return outcome.kind != DEAD
 
@@ -448,7 +456,7 @@ class WebhookWorker:
             return
         delay = self._back_off(started, now, outcome)  # before any await: siblings see it
         failures = await self.store.write(self.store.op_retry(
-            self.name, ids, outcome.status, outcome.cause, counts, now))
+            self.name, ids, outcome.status, outcome.cause, counts, now, holder=self))
         log.warning("delivery failed", webhook=self.name, event_id=rows[0].event_id,
                     batch_id=rows[0].batch_id, attempt=rows[0].attempts + 1,
                     status=outcome.status, cause=outcome.cause, retry_in=round(delay, 3))
@@ -479,7 +487,7 @@ class WebhookWorker:
                     ) -> None:
         failures = await self.store.write(self.store.op_dead(
             self.name, [r.id for r in rows], reason, status, response, self.clock(),
-            attempted, counts))
+            attempted, counts, holder=self))
         for row in rows:
             log.warning("delivery dead-lettered", webhook=self.name, event_id=row.event_id,
                         attempt=row.attempts + (1 if attempted else 0), status=status,

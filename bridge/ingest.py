@@ -17,6 +17,8 @@ make the bridge reconnect.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,6 +52,7 @@ class _Held:
     size: int
     change: DeviceChange | None
     future: asyncio.Future[Any]
+    ack: tuple[int, str, bytes] | None = None
 
 
 class Ingest:
@@ -69,8 +72,11 @@ class Ingest:
         self.backpressure = backpressure
         self.accepted = 0
         self.isolated = 0  # messages the boundary turned into `invalid` events
+        self.quota = store.max_size  # the configured store.max_size (0: none)
+        self._unrecorded = 0
         self._held: deque[_Held] = deque()
         self._commit_group: _CommitGroup | None = None
+        self.unrouted = UnroutedInvalid(metrics)
         metrics.set_known_types(_configured_types(decoders, rules))
 
     def reconfigure(self, decoders: list[SourceDecoder], rules: RuleSet) -> None:
@@ -86,16 +92,32 @@ class Ingest:
         self.metrics.messages_received.inc()
         if message.oversize is not None:
             self.metrics.oversized.inc()
+        ack = None
+        if message.qos:
+            digest = hashlib.blake2b(message.payload, digest_size=16).digest()
+            if message.dup and self.store.redelivered(message.mid, message.topic, digest):
+                # Committed before a crash took its ack (SPEC §5): ack it, queue nothing,
+                # so the endpoint sees the first copy's event id only.
+                self.metrics.redelivered.inc()
+                done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+                done.set_result(None)
+                return done
+            ack = (message.mid, message.topic, digest)
         change: DeviceChange | None = None
         try:
             events = self.decode(message)
             events, change = self.registry.observe(events)
+            if change.seen:
+                self.sync_quota()
+            if self.registry.unrecorded != self._unrecorded:
+                self._registry_full()
             items = self.route(events)
         except Exception as exc:  # the isolation boundary: see the module docstring
             if change:
                 self.registry.revert(change)
+                self.sync_quota()
             items, change = self._isolated(message, exc)
-        return self.queue(items, change)
+        return self.queue(items, change, ack)
 
     def _isolated(self, message: Message, exc: BaseException
                   ) -> tuple[list[NewDelivery], DeviceChange | None]:
@@ -116,6 +138,21 @@ class Ingest:
             log.error("invalid event not routed", cause=f"{type(again).__name__}: {again}")
             return [], None
 
+    def sync_quota(self) -> None:
+        """The recorded devices count toward store.max_size: the queue gets the rest."""
+        if self.quota:
+            self.store.max_size = max(self.quota - self.registry.bytes, 1)
+
+    def _registry_full(self) -> None:
+        new = self.registry.unrecorded - self._unrecorded
+        self.metrics.devices_unrecorded.inc(new)
+        if self._unrecorded == 0 or self.registry.unrecorded // 1000 > self._unrecorded // 1000:
+            log.warning("device registry full: new devices are not recorded (their events "
+                        "flow without device.created)", limit=self.registry.limit,
+                        unrecorded_messages=self.registry.unrecorded,
+                        fix="webhook-bridge devices delete <id>, or raise store.max_size")
+        self._unrecorded = self.registry.unrecorded
+
     # -- the steps ----------------------------------------------------------------------
 
     def decode(self, message: Message) -> list[Event]:
@@ -135,6 +172,8 @@ class Ingest:
             self.metrics.count_event(event.source, event.type)
             names = self.rules.match(event)
             if not names:
+                if event.type == INVALID:
+                    self.unrouted.add(event)
                 continue
             body = dumps(event.body())
             items.extend(NewDelivery(n, event.id, event.device_id, body) for n in names)
@@ -142,13 +181,13 @@ class Ingest:
 
     # -- enqueue and backpressure ---------------------------------------------------------
 
-    def queue(self, items: list[NewDelivery], change: DeviceChange | None
-              ) -> asyncio.Future[Any]:
+    def queue(self, items: list[NewDelivery], change: DeviceChange | None,
+              ack: tuple[int, str, bytes] | None = None) -> asyncio.Future[Any]:
         size = sum(len(i.event) + ROW_OVERHEAD for i in items)
         if self._held or (items and self.backpressure and not self.store.has_room(size)
                           and self._queue_in_use()):
-            return self._hold(items, size, change)
-        return self._enqueue(items, size, change)
+            return self._hold(items, size, change, ack)
+        return self._enqueue(items, size, change, ack)
 
     def enqueue_events(self, events: list[Event], change: DeviceChange | None
                        ) -> asyncio.Future[Any]:
@@ -159,10 +198,10 @@ class Ingest:
     def _queue_in_use(self) -> bool:
         return bool(self.store.bytes_queued or self.store.bytes_pending)
 
-    def _enqueue(self, items: list[NewDelivery], size: int, change: DeviceChange | None
-                 ) -> asyncio.Future[Any]:
+    def _enqueue(self, items: list[NewDelivery], size: int, change: DeviceChange | None,
+                 ack: tuple[int, str, bytes] | None = None) -> asyncio.Future[Any]:
         self.store.bytes_pending += size
-        future = self.store.enqueue(items, registry_op(change) if change else None)
+        future = self.store.enqueue(items, registry_op(change) if change else None, ack)
         # Messages stored by one commit share its future: account for them together.
         group = self._commit_group
         if group is None or group.future is not future:
@@ -181,6 +220,7 @@ class Ingest:
         if future.cancelled() or future.exception() is not None:
             for change in reversed(group.changes):
                 self.registry.revert(change)  # the redelivery must see the device as new
+            self.sync_quota()
             self.metrics.messages_rejected.inc(group.messages)
             log.error("messages not stored; the broker will send them again",
                       messages=group.messages, cause=str(future.exception()))
@@ -188,8 +228,8 @@ class Ingest:
         self.metrics.messages_accepted.inc(group.messages)
         self.accepted += group.messages
 
-    def _hold(self, items: list[NewDelivery], size: int, change: DeviceChange | None
-              ) -> asyncio.Future[Any]:
+    def _hold(self, items: list[NewDelivery], size: int, change: DeviceChange | None,
+              ack: tuple[int, str, bytes] | None = None) -> asyncio.Future[Any]:
         """Backpressure: keep the message unacknowledged until the queue has room, so the
         broker holds the rest (it stops sending once our receive window is full)."""
         if not self._held:
@@ -197,7 +237,7 @@ class Ingest:
                         "room (store.overflow: backpressure)",
                         queued_bytes=self.store.bytes_queued, max_size=self.store.max_size)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._held.append(_Held(items, size, change, future))
+        self._held.append(_Held(items, size, change, future, ack))
         return future
 
     async def release_held(self) -> None:
@@ -209,10 +249,44 @@ class Ingest:
             while self._held and (self.store.has_room(self._held[0].size)
                                   or not self._queue_in_use()):
                 held = self._held.popleft()
-                _chain(self._enqueue(held.items, held.size, held.change), held.future)
+                _chain(self._enqueue(held.items, held.size, held.change, held.ack),
+                       held.future)
                 released += 1
             if released and not self._held:
                 log.info("queue has room again: acknowledging MQTT messages")
+
+
+class UnroutedInvalid:
+    """Invalid events no webhook takes would vanish silently: each is counted
+    (``webhook_bridge_invalid_unrouted_events_total{source}``) and logged, the first of a
+    source at once and then at most one line a minute per source, with the count since
+    the last line (a flood of junk cannot flood the log)."""
+
+    INTERVAL = 60.0
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self._counters: dict[str, Any] = {}
+        self._since: dict[str, int] = {}
+        self._logged: dict[str, float] = {}
+
+    def add(self, event: Event) -> None:
+        source = event.source
+        counter = self._counters.get(source)
+        if counter is None:  # sources come from the configuration: a bounded label
+            counter = self._counters[source] = self.metrics.invalid_unrouted.labels(source)
+        counter.inc()
+        self._since[source] = self._since.get(source, 0) + 1
+        now = time.monotonic()
+        last = self._logged.get(source)
+        if last is not None and now - last < self.INTERVAL:
+            return
+        self._logged[source] = now
+        log.warning("invalid events reached no webhook", source=source,
+                    count=self._since.pop(source), topic=event.topic[:200],
+                    decode_error=(event.decode_error or "")[:200],
+                    fix="add a webhook with events: [invalid] to keep them, or fix the "
+                        "device or the source's format")
 
 
 def _configured_types(decoders: list[SourceDecoder], rules: RuleSet) -> set[str]:

@@ -71,6 +71,10 @@ class Metrics:
             "webhook_bridge_store_damaged",
             "1 when a damaged queue database was moved aside at start (store.on_damage)",
             registry=r)
+        self.redelivered = Counter(
+            "webhook_bridge_messages_redelivered",
+            "Broker redeliveries (DUP) of messages already committed: acknowledged, not "
+            "queued again", registry=r)
         self.intake_paused = Gauge(
             "webhook_bridge_intake_paused",
             "1 while MQTT intake is paused because the store cannot be written (disk full)",
@@ -89,6 +93,13 @@ class Metrics:
         self.isolated = Counter(
             "webhook_bridge_isolated_messages",
             "Messages whose processing failed, queued as one invalid event", registry=r)
+        self.devices_unrecorded = Counter(
+            "webhook_bridge_devices_unrecorded",
+            "Messages from new devices the full device registry did not record", registry=r)
+        self.invalid_unrouted = Counter(
+            "webhook_bridge_invalid_unrouted_events",
+            "Invalid events (payloads that did not decode) that no webhook takes: logged "
+            "once a minute per source with a count", ["source"], registry=r)
         self.known_types: frozenset[str] = SPEC_TYPES
         self._dynamic_types: set[str] = set()
         self._event_counters: dict[tuple[str, str], Counter] = {}

@@ -11,6 +11,15 @@ source carried it (EMQX publishes Object 5 notifications on their own topic,
 ``firmware`` tables and are written in the same transaction as the deliveries of the
 message that changed them, so a crash or restart can neither lose nor invent one of these
 events.
+
+The registry is bounded (SPEC §8: device ids are chosen by devices): it records at most
+:func:`max_devices` devices, which takes ``DEVICE_SHARE`` of ``store.max_size`` at most,
+counted at ``DEVICE_ROW_COST`` bytes a device, and never more than ``MAX_DEVICES``. The
+bytes it takes come off the queue's quota (:attr:`Registry.bytes`), so devices and
+deliveries together stay within ``store.max_size`` and a flood of device ids can take
+the queue's room only up to that share. Once full, a device never seen before is not
+recorded: its events flow as usual, without ``device.created`` or registration tracking,
+and it is counted (:attr:`Registry.unrecorded`) until ``devices delete`` makes room.
 """
 
 from __future__ import annotations
@@ -34,6 +43,17 @@ FIRMWARE_UPDATE = "device.firmware_update"
 
 FirmwareKey = tuple[str, int]  # (device, Object 5 instance)
 FirmwareProgress = tuple[int | None, int | None, bool] | None  # (state, result, armed)
+
+MAX_DEVICES = 50_000  # devices recorded at most, whatever the quota (memory bound)
+DEVICE_ROW_COST = 256  # bytes a device counts toward store.max_size (row, index, memory)
+DEVICE_SHARE = 8  # the registry takes at most 1/8 of store.max_size
+
+
+def max_devices(store_max_size: int) -> int:
+    """How many devices the registry records for a store quota (0: no quota)."""
+    if not store_max_size:
+        return MAX_DEVICES
+    return min(MAX_DEVICES, store_max_size // DEVICE_SHARE // DEVICE_ROW_COST)
 
 
 @dataclass
@@ -65,7 +85,9 @@ class Registry:
     being observed.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = MAX_DEVICES) -> None:
+        self.limit = limit
+        self.unrecorded = 0  # messages from devices the full registry did not record
         self.known: set[str] = set()
         self.ever_registered: set[str] = set()
         self.sources: dict[str, tuple[str, str]] = {}
@@ -145,6 +167,10 @@ class Registry:
         for event in events:
             device = event.device_id
             if device and device not in self.known:
+                if len(self.known) >= self.limit:
+                    self.unrecorded += 1  # full: the event flows, the device is not kept
+                    out.append(event)
+                    continue
                 self.known.add(device)
                 change.seen[device] = (event.source, event.topic)
                 created = _derived(event, CREATED, {"device_id": device,
@@ -214,6 +240,11 @@ class Registry:
                                 payload={"reason": "lifetime_expired", "endpoint": device}))
             change.deregistered.add(device)
         return events, change
+
+    @property
+    def bytes(self) -> int:
+        """What the recorded devices count toward ``store.max_size``."""
+        return len(self.known) * DEVICE_ROW_COST
 
     def next_deadline(self) -> float | None:
         with self._lock:

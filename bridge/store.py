@@ -16,15 +16,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import structlog
+
+from .leases import Holder, Leases
 
 try:  # the events are made with orjson when it is installed (see events.dumps)
     from orjson import loads as _json_loads
@@ -114,6 +117,10 @@ CREATE TABLE IF NOT EXISTS firmware (
     PRIMARY KEY (device, instance)
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+-- MQTT messages committed but maybe not acknowledged (SPEC §5): a DUP redelivery of one
+-- (same packet id, topic and payload digest) is acknowledged without queuing it again.
+CREATE TABLE IF NOT EXISTS unacked (mid INTEGER PRIMARY KEY, topic TEXT NOT NULL,
+                                    digest BLOB NOT NULL);
 """
 SCHEMA_VERSION = "1"
 
@@ -153,10 +160,13 @@ class NewDelivery:
 class _EnqueueBatch:
     items: list[NewDelivery] = field(default_factory=list)
     also: list[Any] = field(default_factory=list)
+    acks: dict[int, tuple[str, bytes]] = field(default_factory=dict)  # mid: topic, digest
+    forget: set[int] = field(default_factory=set)  # mids acknowledged since
+    forget_all: bool = False
     now: float = field(default_factory=time.time)
     future: asyncio.Future[Any] | None = None
     dropped: dict[str, int] = field(default_factory=dict)
-    handed: list[Delivery] = field(default_factory=list)
+    handed: list[tuple[Holder, Delivery]] = field(default_factory=list)
 
 
 _DELIVERY_COLUMNS = "id, webhook, event_id, device_id, event, created, due, attempts, batch_id"
@@ -257,9 +267,6 @@ class Store:
         self._enqueue_batch: _EnqueueBatch | None = None
         self._delivered_batch: dict[str, tuple[list[int], int, float]] | None = None
         self._delivered_future: asyncio.Future[Any] | None = None
-        # Webhooks whose worker takes new deliveries straight from the enqueue (it has
-        # caught up with the queue), and what each commit handed them.
-        self.handoff: set[str] = set()
         self.on_enqueued: Callable[[dict[str, int], list[Delivery]], None] | None = None
         self._wake: asyncio.Event | None = None
         self._lazy_wake: asyncio.TimerHandle | None = None
@@ -275,9 +282,16 @@ class Store:
         self.space_freed = asyncio.Event()
         self._freed = False
         self.bytes_pending = 0  # submitted, not yet committed (owned by the event loop)
-        # Deliveries a worker holds (prefetched or in flight): the quota never drops them,
-        # so a dropped delivery is never sent and a sent one is never counted as dropped.
-        self.leased: set[int] = set()
+        # Which worker holds which deliveries; only the store changes it (bridge.leases).
+        # The quota never drops a row being sent (so a sent one is never counted as
+        # dropped); it does drop prefetched rows, oldest first.
+        self.leases = Leases()
+        # Packet ids of committed messages not known to be acknowledged (loop thread).
+        self.unacked: dict[int, tuple[str, bytes]] = dict(
+            (m, (t, d)) for m, t, d in self._writer.execute(
+                "SELECT mid, topic, digest FROM unacked"))
+        self._forget: set[int] = set()
+        self._forget_all = False
         self.bytes_queued = self._measure(self._writer)
         # Ids of the block reserved in sqlite_sequence (writer thread only).
         self._next_id = 1
@@ -327,21 +341,31 @@ class Store:
     # mark) made while the previous commit was in progress becomes ONE operation of the
     # next group, with one shared future.
 
-    def enqueue(self, items: list[NewDelivery], also: Operation | None = None
-                ) -> asyncio.Future[Any]:
-        """Queue ``items`` (plus the registry change ``also``) in the next commit."""
+    def enqueue(self, items: list[NewDelivery], also: Operation | None = None,
+                ack: tuple[int, str, bytes] | None = None) -> asyncio.Future[Any]:
+        """Queue ``items`` (plus the registry change ``also``) in the next commit; ``ack``
+        (packet id, topic, payload digest) is remembered in the same commit until
+        :meth:`acked` (see :meth:`redelivered`)."""
         batch = self._enqueue_batch
         if batch is None:
             batch = self._enqueue_batch = _EnqueueBatch()
             future = self.submit(self.op_enqueue_batch(batch))
             batch.future = future
+            # Acks sent since the last commit are forgotten in this one (no commit of
+            # their own: a forgotten entry costs nothing until its packet id returns).
+            batch.forget, self._forget = self._forget, set()
+            batch.forget_all, self._forget_all = self._forget_all, False
+        if ack is not None:
+            batch.acks[ack[0]] = (ack[1], ack[2])
         batch.items.extend(items)
         if also is not None:
             batch.also.append(also)
         return batch.future
 
-    def delivered(self, webhook: str, ids: list[int], now: float) -> asyncio.Future[Any]:
-        """Mark deliveries done (one attempt) in the next commit."""
+    def delivered(self, webhook: str, ids: list[int], now: float,
+                  holder: Holder | None = None) -> asyncio.Future[Any]:
+        """Mark deliveries done (one attempt) in the next commit; ``holder``'s leases on
+        them end with that commit (the rows stay out of every query until then)."""
         batch = self._delivered_batch
         if batch is None:
             batch = self._delivered_batch = {}
@@ -350,10 +374,50 @@ class Store:
             # fsync of its own; a crash meanwhile at worst resends with the same id.
             self._delivered_future = self.submit(self.op_delivered_batch(batch),
                                                  within=DELIVERED_COMMIT_DELAY)
-        ids_, attempts, _ = batch.get(webhook, ([], 0, 0.0))
+        ids_, attempts, _, holders = batch.get(webhook, ([], 0, 0.0, []))
         ids_.extend(ids)
-        batch[webhook] = (ids_, attempts + 1, now)
+        if holder is not None:
+            holders.append((holder, ids))
+        batch[webhook] = (ids_, attempts + 1, now, holders)
         return self._delivered_future
+
+    # -- leases: the only code that changes them (see bridge.leases) ---------------------
+
+    def claim(self, holder: Holder, ids: Collection[int]) -> bool:
+        """``holder`` is about to send these rows: from now on the quota leaves them alone.
+        False (nothing claimed) when one of them was dropped meanwhile."""
+        return self.leases.claim(holder, ids)
+
+    def release(self, holder: Holder, ids: Iterable[int]) -> None:
+        """``holder`` gives back rows it will not send now (they are queued again)."""
+        self.leases.release(holder, ids)
+
+    def retire(self, holder: Holder) -> None:
+        """``holder`` stops: see :meth:`Leases.retire`."""
+        self.leases.retire(holder)
+
+    def stop_handoff(self, holder: Holder) -> None:
+        """New rows are no longer handed to ``holder`` (it reads the queue instead)."""
+        self.leases.stop_handoff(holder)
+
+    def hands_off_to(self, holder: Holder) -> bool:
+        return self.leases.hands_off_to(holder)
+
+    def redelivered(self, mid: int, topic: str, digest: bytes) -> bool:
+        """A DUP redelivery of a message already committed (acknowledge it, queue
+        nothing)."""
+        return self.unacked.get(mid) == (topic, digest)
+
+    def acked(self, mid: int) -> None:
+        """The ack of packet ``mid`` went out: forget it (in the next enqueue's commit)."""
+        if self.unacked.pop(mid, None) is not None:
+            self._forget.add(mid)
+
+    def new_session(self) -> None:
+        """The broker kept no session: it will redeliver nothing, forget every entry."""
+        if self.unacked:
+            self.unacked.clear()
+            self._forget_all = True
 
     async def read(self, query: Callable[[sqlite3.Connection], T]) -> T:
         loop = asyncio.get_running_loop()
@@ -389,14 +453,19 @@ class Store:
             outcomes = await loop.run_in_executor(self._write_thread, self._apply, batch)
             full: BaseException | None = None
             for (op, future), (ok, value) in zip(batch, outcomes):
+                again = (not ok and not future.done() and _is_full(value)
+                         and not self._closed)
+                # Leases follow the outcome (here, before the next group can run): taken
+                # back with a commit, kept by an operation that waits for space.
+                _settle(op, ok, again)
                 owner = getattr(op, "batch", None)
-                if isinstance(owner, _EnqueueBatch):
-                    self._after_enqueue(owner, ok)
+                if ok and isinstance(owner, _EnqueueBatch):
+                    self._hand_out(owner)
                 if future.done():
                     continue
                 if ok:
                     future.set_result(value)
-                elif _is_full(value) and not self._closed:
+                elif again:
                     carry.append((op, future))
                     full = value
                 else:
@@ -412,17 +481,20 @@ class Store:
             if self._closed:
                 self._wake.set()  # drain what came in meanwhile, then return when empty
 
-    def _after_enqueue(self, batch: _EnqueueBatch, ok: bool) -> None:
-        """Hand an enqueue's rows to the workers only when its commit succeeded."""
-        if not ok:
-            self.leased.difference_update(r.id for r in batch.handed)
-            batch.handed = []
-            return
-        if self.on_enqueued is not None:
-            try:
-                self.on_enqueued(batch.dropped, batch.handed)
-            except Exception as exc:  # a listener must not stop the commits
-                log.error("enqueue listener failed", cause=f"{type(exc).__name__}: {exc}")
+    def _hand_out(self, enqueued: _EnqueueBatch) -> None:
+        """After a commit that queued deliveries: give each caught-up worker its new rows
+        (leased to it in that commit), then tell the listener."""
+        self.unacked.update(enqueued.acks)
+        by_holder: dict[int, tuple[Holder, list[Delivery]]] = {}
+        for holder, row in enqueued.handed:
+            by_holder.setdefault(id(holder), (holder, []))[1].append(row)
+        try:
+            for holder, rows in by_holder.values():
+                holder.offer(rows)
+            if self.on_enqueued is not None:
+                self.on_enqueued(enqueued.dropped, [row for _, row in enqueued.handed])
+        except Exception as exc:  # a listener must not stop the commits
+            log.error("enqueue listener failed", cause=f"{type(exc).__name__}: {exc}")
 
     def _note_full(self, error: BaseException | None) -> None:
         """Enter or leave the disk-full state (one call of ``on_full`` each way)."""
@@ -563,31 +635,56 @@ class Store:
         leases for rows whose worker takes them directly (reported via ``on_enqueued``)."""
         def enqueue(conn: sqlite3.Connection) -> None:
             # This may run twice (a failed group is retried op by op): the first run's
-            # rows were rolled back, so are their leases.
-            self.leased.difference_update(r.id for r in batch.handed)
+            # rows were rolled back, so their leases end.
+            for holder, row in batch.handed:
+                self.leases.release(holder, (row.id,))
             batch.handed = []
+            if batch.forget_all:
+                conn.execute("DELETE FROM unacked")
+            elif batch.forget:
+                for marks, chunk in _id_lists(list(batch.forget)):
+                    conn.execute(f"DELETE FROM unacked WHERE mid IN ({marks})", chunk)
+            if batch.acks:
+                conn.executemany("INSERT OR REPLACE INTO unacked (mid, topic, digest)"
+                                 " VALUES (?, ?, ?)",
+                                 [(m, t, d) for m, (t, d) in batch.acks.items()])
             for also in batch.also:
                 also(conn)
             batch.dropped, first, stored = self._insert(conn, batch.items, batch.now)
-            if not stored or not self.handoff:
+            if not stored:
                 return
             now = batch.now
+            holders: dict[str, Holder | None] = {}
             for offset, item in enumerate(stored):
-                if item.webhook in self.handoff:
-                    row_id = first + offset
-                    self.leased.add(row_id)
-                    self._sizes[row_id] = len(item.event) + ROW_OVERHEAD  # as _insert stored
-                    batch.handed.append(Delivery(row_id, item.webhook, item.event_id,
-                                                 item.device_id, item.event, now, now, 0,
-                                                 None))
+                holder = holders.get(item.webhook, False)
+                if holder is False:
+                    holder = holders[item.webhook] = self.leases.handoff_holder(item.webhook)
+                if holder is None:
+                    continue
+                row_id = first + offset
+                if not self.leases.grant(holder, (row_id,)):
+                    continue
+                self._sizes[row_id] = len(item.event) + ROW_OVERHEAD  # as _insert stored
+                batch.handed.append((holder, Delivery(row_id, item.webhook, item.event_id,
+                                                      item.device_id, item.event, now, now,
+                                                      0, None)))
+
+        def settle(committed: bool, again: bool) -> None:
+            # Rows are handed out only once their commit succeeded (a rerun hands anew).
+            if not committed:
+                for holder, row in batch.handed:
+                    self.leases.release(holder, (row.id,))
+                batch.handed = []
 
         enqueue.batch = batch  # type: ignore[attr-defined]
+        enqueue.settle = settle  # type: ignore[attr-defined]
         return enqueue
 
-    def op_delivered_batch(self, batch: dict[str, tuple[list[int], int, float]]
+    def op_delivered_batch(self, batch: dict[str, tuple[list[int], int, float,
+                                                        list[tuple[Holder, list[int]]]]]
                            ) -> Operation:
         def delivered(conn: sqlite3.Connection) -> None:
-            for webhook, (ids, attempts, now) in batch.items():
+            for webhook, (ids, attempts, now, _) in batch.items():
                 self._delete(conn, ids)
                 _update_webhook(
                     conn, webhook,
@@ -595,18 +692,30 @@ class Store:
                     " consecutive_failures = 0, last_triggered = ?, last_error = NULL"
                     " WHERE name = ?", (len(ids), attempts, now, webhook))
 
+        def settle(committed: bool, again: bool) -> None:
+            if again:  # a delivered mark waiting for space keeps its rows leased
+                return
+            for _, _, _, holders in batch.values():
+                for holder, ids in holders:
+                    self.leases.release(holder, ids)
+
+        delivered.settle = settle  # type: ignore[attr-defined]
         return delivered
 
     def _drop_oldest(self, conn: sqlite3.Connection, excess: int) -> dict[str, int]:
         victims: list[int] = []
         dropped: dict[str, int] = {}
         freed = 0
-        after, page = 0, 256  # the head of the queue is often leased: read it in pages
+        after, page = 0, 256  # the head of the queue may be in flight: read it in pages
+        leases = self.leases
         while freed < excess:
             rows = _json_loads(conn.execute(_OLDEST, (after, page)).fetchone()[0])
             for delivery_id, webhook, size in rows:
                 after = delivery_id
-                if delivery_id in self.leased:
+                # A prefetched row loses its lease at once (its worker's claim fails and
+                # it reads the queue again; had this commit failed, the row would simply
+                # be found there again); a row being sent is not dropped.
+                if not leases.revoke_unless_sending(delivery_id):
                     continue
                 victims.append(delivery_id)
                 self._sizes[delivery_id] = size  # read here: no SUM needed to delete it
@@ -621,23 +730,26 @@ class Store:
         return dropped
 
     def op_retry(self, webhook: str, ids: list[int], status: int | None, error: str,
-                 counts_as_failure: bool, now: float) -> Operation:
+                 counts_as_failure: bool, now: float, holder: Holder | None = None
+                 ) -> Operation:
         """An attempt failed in a way worth retrying: keep the rows in their place in
         line (the webhook-level backoff decides when the next probe goes out) and note
-        the cause. Returns the webhook's consecutive failures."""
+        the cause; ``holder``'s leases end with the commit. Returns the webhook's
+        consecutive failures."""
         def retry(conn: sqlite3.Connection) -> int:
             conn.executemany(
                 "UPDATE deliveries SET attempts = attempts + 1, last_status = ?,"
                 " last_error = ? WHERE id = ?", [(status, error, i) for i in ids])
             return self._note_failure(conn, webhook, error, counts_as_failure, now)
 
-        return retry
+        return self._releasing(retry, holder, ids)
 
     def op_dead(self, webhook: str, ids: list[int], reason: str, status: int | None,
                 response: str | None, now: float, attempted: bool = True,
-                counts_as_failure: bool = False) -> Operation:
-        """Move deliveries to the dead letters (counting the attempt that killed them).
-        Returns the webhook's consecutive failures."""
+                counts_as_failure: bool = False, holder: Holder | None = None) -> Operation:
+        """Move deliveries to the dead letters (counting the attempt that killed them);
+        ``holder``'s leases end with the commit. Returns the webhook's consecutive
+        failures."""
         def dead(conn: sqlite3.Connection) -> int:
             move_to_dead_letters(conn, ids, reason, status, response, now,
                                  1 if attempted else 0)
@@ -649,31 +761,53 @@ class Store:
                          (len(ids), webhook))
             return failures
 
-        return dead
+        return self._releasing(dead, holder, ids)
 
-    def op_lease(self, query: Callable[[sqlite3.Connection], list[Delivery]],
-                 skip_leased: bool = True, handoff_if_short: tuple[str, int] | None = None
-                 ) -> Operation:
-        """Run a due-query in the writer thread and lease what it returns, so the quota
-        cannot drop a row between the query and the lease. Rows already leased (handed
-        to the worker by an enqueue) are left out unless ``skip_leased`` is false. With
-        ``handoff_if_short`` (webhook, wanted) a short answer means the worker has caught
-        up: from this very commit on, new rows are handed to it (set here, in the writer
-        thread, so no row can fall between the query and the handoff)."""
+    def _releasing(self, op: Operation, holder: Holder | None, ids: list[int]) -> Operation:
+        """``op``, after whose commit (or failure: the rows are then still queued as they
+        were) ``holder``'s leases on ``ids`` end."""
+        if holder is not None:
+            def settle(committed: bool, again: bool) -> None:
+                if not again:  # waiting for space: the rows stay leased meanwhile
+                    self.leases.release(holder, ids)
+
+            op.settle = settle  # type: ignore[attr-defined]
+        return op
+
+    def op_lease(self, holder: Holder, query: Callable[[sqlite3.Connection], list[Delivery]],
+                 *, mine_too: bool = False, handoff: bool = False) -> Operation:
+        """Run a due-query in the writer thread and lease what it returns to ``holder``, so
+        the quota cannot drop a row between the query and the lease. Rows leased by
+        anyone are left out (with ``mine_too``, those ``holder`` has are kept). With
+        ``handoff``, an answer that saw the end of the queue means the worker has caught
+        up: from this very commit on, new rows of the webhook are handed to it (set here,
+        in the writer thread, so no row can fall between the query and the handoff)."""
+        leases = self.leases
+        granted: list[int] = []
+
         def lease(conn: sqlite3.Connection) -> list[Delivery]:
-            if skip_leased and isinstance(query, DueQuery):
+            leases.release(holder, granted)  # a rerun (its group failed): start afresh
+            if not mine_too and isinstance(query, DueQuery):
                 # Leased rows are not even read; the sizes of the rest are noted.
-                found: list[Delivery] = query(conn, skip=self.leased, sizes=self._sizes)
+                found: list[Delivery] = query(conn, skip=leases, sizes=self._sizes)
             else:
                 found = query(conn)
-            rows = [r for r in found if not (skip_leased and r.id in self.leased)]
-            self.leased.update(r.id for r in rows)
+            mine = leases.ids(holder) if mine_too else set()
+            granted[:] = leases.grant(holder, [r.id for r in found if r.id not in mine])
+            keep = mine.union(granted)
             # Caught up only when the query saw the end of the queue (rows it skipped as
             # already leased do not count as the end).
-            if handoff_if_short is not None and getattr(found, "exhausted", False):
-                self.handoff.add(handoff_if_short[0])
-            return rows
+            if handoff and isinstance(query, DueQuery) and getattr(found, "exhausted", False):
+                leases.start_handoff(query.webhook, holder)
+            return [r for r in found if r.id in keep]
 
+        def settle(committed: bool, again: bool) -> None:
+            if not committed:  # the worker gets an error (or a later answer), not these
+                leases.release(holder, granted)
+                if handoff:
+                    leases.stop_handoff(holder)
+
+        lease.settle = settle  # type: ignore[attr-defined]
         return lease
 
     def op_assign_batches(self, batches: list[tuple[list[int], str]]) -> Operation:
@@ -829,6 +963,14 @@ class DueQuery:
         return result
 
 
+def _settle(op: Operation, committed: bool, again: bool) -> None:
+    """Run what ``op`` does once its transaction committed or failed (``again``: it will
+    be tried again, when there is space): the leases it hands out or takes back."""
+    settle = getattr(op, "settle", None)
+    if settle is not None:
+        settle(committed, again)
+
+
 def _deliveries(conn: sqlite3.Connection, ids: list[int],
                 sizes: dict[int, int] | None = None) -> list[Delivery]:
     """The deliveries ``ids`` in that order (those still queued); their stored sizes go to
@@ -926,6 +1068,21 @@ def move_to_dead_letters(conn: sqlite3.Connection, ids: list[int], reason: str,
         " SELECT webhook, event_id, device_id, event, created, ?, attempts + ?,"
         " COALESCE(?, last_status), ?, COALESCE(?, last_error) FROM deliveries WHERE id = ?",
         [(now, extra_attempts, status, reason, response, i) for i in ids])
+
+
+def write_failed_change(conn: sqlite3.Connection, change: dict[str, Any] | None) -> None:
+    """Record (None: clear) the live change the daemon could not apply, for ``status``."""
+    if change is None:
+        conn.execute("DELETE FROM meta WHERE key = 'failed_change'")
+    else:
+        conn.execute("INSERT INTO meta (key, value) VALUES ('failed_change', ?) ON CONFLICT"
+                     " (key) DO UPDATE SET value = excluded.value",
+                     (json.dumps(change, separators=(",", ":")),))
+
+
+def read_failed_change(conn: sqlite3.Connection) -> dict[str, Any] | None:
+    row = conn.execute("SELECT value FROM meta WHERE key = 'failed_change'").fetchone()
+    return json.loads(row[0]) if row else None
 
 
 def bump_generation(conn: sqlite3.Connection) -> None:

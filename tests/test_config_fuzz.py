@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import re
 import tempfile
 import time
@@ -227,7 +228,9 @@ def run_check_on(data: bytes) -> None:
     assert seconds < TIME_BOUND, seconds
 
 
-FUZZ = settings(max_examples=150, deadline=None, database=None,
+# WB_FUZZ_EXAMPLES=5000 for a longer hunt than CI's.
+FUZZ = settings(max_examples=int(os.environ.get("WB_FUZZ_EXAMPLES", "150")), deadline=None,
+                database=None,
                 suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -319,4 +322,11 @@ async def test_api_refuses_what_check_refuses_with_the_same_message(
             assert status == 422, (answer, expected)
             messages = [re.sub(r"^api:w: ", "", e) for e in answer["errors"]]
             assert any(m.endswith(expected) for m in messages), (messages, expected)
+            # The console's live validation says the same.
+            if isinstance(body, bytes):
+                status, answer = await admin.call("POST", "/api/v1/console/check", raw=body)
+            else:
+                status, answer = await admin.call("POST", "/api/v1/console/check", body)
+            assert status in (200, 422), answer
+            assert any(e.endswith(expected) for e in answer["errors"]), (answer, expected)
         assert not (config.parent / "conf.d").exists()

@@ -128,3 +128,34 @@ def test_device_chosen_types_are_bounded_metric_labels(tmp_path: Path) -> None:
     total = sum(s.value for m in metrics.events.collect() for s in m.samples
                 if s.name.endswith("_total"))
     assert total == 300 + 3
+
+
+def test_the_device_registry_is_bounded_and_counts_toward_the_quota(tmp_path: Path) -> None:
+    from bridge.registry import DEVICE_ROW_COST, max_devices
+
+    quota = 64 * 1024
+    limit = max_devices(quota)
+    assert limit == quota // 8 // DEVICE_ROW_COST == 32
+
+    async def run() -> tuple[Ingest, int]:
+        store = Store(str(tmp_path / "q.db"), "process_crash", quota)
+        await store.start()
+        metrics = Metrics()
+        ingest = Ingest([SourceDecoder(SOURCE)], RuleSet((HOOK,)), Registry(limit), store,
+                        metrics, backpressure=False)
+        try:
+            messages = [msg(b'{"kind": "a"}', f"dev{i}") for i in range(100)]
+            await asyncio.wait_for(asyncio.gather(*(ingest.take(m) for m in messages)), 10)
+            return ingest, store.max_size
+        finally:
+            await store.close()
+
+    ingest, queue_quota = asyncio.run(run())
+    assert len(ingest.registry.known) == limit
+    assert ingest.registry.unrecorded == 100 - limit
+    assert queue_quota == quota - limit * DEVICE_ROW_COST
+    with sqlite3.connect(tmp_path / "q.db") as conn:
+        assert conn.execute("SELECT COUNT(*) FROM devices").fetchone()[0] == limit
+    types = [e["type"] for e in rows(tmp_path / "q.db")]
+    assert types.count("a") == 100  # every device's events still flow
+    assert types.count("device.created") == limit

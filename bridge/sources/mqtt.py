@@ -14,6 +14,7 @@ large backlog) is held back by TCP flow control instead of filling our memory.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import ssl
 import time
@@ -30,6 +31,9 @@ from .mqtt_client import Connection, MqttError, open_connection
 
 log = structlog.get_logger("bridge.mqtt")
 
+# Tests only: exit right after a commit, before its ack (the redelivery window, SPEC §5).
+_CRASH_BEFORE_ACK = os.environ.get("WEBHOOK_BRIDGE_TEST_CRASH_BEFORE_ACK") == "1"
+FIRST_RETRY = 0.2  # seconds before the first reconnect attempt (jittered down to half)
 RECEIVE_MAXIMUM = 1000  # unacknowledged messages the broker may send us (MQTT 5)
 RESUME_BELOW = RECEIVE_MAXIMUM // 4
 STABLE_AFTER = 30.0  # seconds a connection must last before the reconnect backoff resets
@@ -44,6 +48,8 @@ class Message:
     oversize: int | None = None
     """The payload's size when it was over ``mqtt.max_payload`` (``payload`` is then
     empty: it was read past, never held)."""
+    mid: int = 0  # the packet id (QoS 1 and 2)
+    dup: bool = False  # the broker sent it before (a redelivery)
 
 
 Handler = Callable[[Message], "asyncio.Future[Any]"]
@@ -62,7 +68,8 @@ class _Session:
              oversize: int | None) -> None:
         source = self.source
         source.received += 1
-        future = source.handler(Message(topic, payload, qos, retain, oversize))
+        future = source.handler(Message(topic, payload, qos, retain, oversize, mid,
+                                        self.connection.dup))
         if not qos:
             return
         self.pending.append((future, mid, qos))
@@ -87,8 +94,12 @@ class _Session:
             # A message of an earlier connection is never acked on a later one: its mid
             # may belong to another message there. The broker redelivers it instead.
             if open_:
+                if _CRASH_BEFORE_ACK:  # tests: the fault between commit and ack
+                    os._exit(70)
                 connection.ack(mid, qos)
                 self.source.acked += 1
+                if self.source.on_acked is not None:
+                    self.source.on_acked(mid)
         if connection.reading_paused and len(pending) < RESUME_BELOW \
                 and not self.source._stopping and not self.source.intake_paused:
             connection.resume_reading()
@@ -107,6 +118,8 @@ class MqttSource:
         self.acked = 0
         self.connects = 0
         self.on_connected: Callable[[], None] | None = None  # e.g. a metric
+        self.on_acked: Callable[[int], None] | None = None  # packet id acknowledged
+        self.on_session: Callable[[bool], None] | None = None  # CONNACK session present
         self._connection: Connection | None = None
         self._stopping = False
         self._retained: dict[str, bytes] = {}
@@ -142,7 +155,7 @@ class MqttSource:
             nonlocal session
             session = _Session(self, connection)
 
-        connection, _ = await open_connection(
+        connection, connack = await open_connection(
             cfg.host, cfg.port, ssl_context=self._ssl_context(), client_id=cfg.client_id,
             v5=v5, keepalive=cfg.keepalive, clean_start=False, username=cfg.username,
             password=cfg.password, session_expiry=cfg.session_expiry,
@@ -150,18 +163,23 @@ class MqttSource:
             on_made=make_session, max_payload=cfg.max_payload)
         assert session is not None
         self._session = session
+        if self.on_session is not None:
+            self.on_session(connack.session_present)
         return connection, session
 
     async def run(self) -> None:
         """Connect, subscribe and consume until :meth:`stop`; reconnect on any failure."""
-        delay = 1.0
+        # The first attempts are fast (a broker restarting is back within a second, and
+        # messages published meanwhile may be dropped until we subscribe again), then
+        # the pause doubles up to 30 s.
+        delay = FIRST_RETRY
         while not self._stopping:
             try:
                 connection, session = await self._connect()
             except (MqttError, OSError, ValueError, ssl.SSLError) as exc:
                 log.error("mqtt connection failed", host=self.config.host,
                           port=self.config.port, cause=_describe(exc),
-                          retry_in=round(delay, 1))
+                          retry_in=round(delay, 2))
             else:
                 self._connection = connection
                 self.connects += 1
@@ -176,10 +194,10 @@ class MqttSource:
                     # Only a connection that held resets the backoff: one the broker
                     # drops at once (ACL, takeover, a bug) must not make a tight loop.
                     if time.monotonic() - since >= STABLE_AFTER:
-                        delay = 1.0
+                        delay = FIRST_RETRY
                     log.warning("mqtt connection lost", host=self.config.host,
                                 port=self.config.port, cause=str(exc),
-                                retry_in=round(delay, 1))
+                                retry_in=round(delay, 2))
                 finally:
                     self._connection = None
                     self.connected.clear()

@@ -46,6 +46,7 @@ class Connection(asyncio.Protocol):
         self.closed: asyncio.Future[None] = self.loop.create_future()
         self.connack: asyncio.Future[Connack] = self.loop.create_future()
         self.reading_paused = False
+        self.dup = False
         self._reader = packets.Reader(max_payload=max_payload, v5=v5)
         self._waiting: dict[int, asyncio.Future[list[int]]] = {}
         self._next_mid = 0
@@ -71,6 +72,8 @@ class Connection(asyncio.Protocol):
                     self.on_publish(body.topic, b"", body.qos, body.retain, body.mid,
                                     body.size)
                 elif first_byte >> 4 == packets.PUBLISH:
+                    # The DUP flag of the PUBLISH being handled (read by the handler).
+                    self.dup = bool(first_byte & 0x08)
                     self.on_publish(*packets.parse_publish(first_byte, body, self.v5), None)
                 else:
                     self._control_packet(first_byte >> 4, body)

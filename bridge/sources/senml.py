@@ -27,6 +27,12 @@ Choices where the RFC leaves room:
 - Unknown fields are ignored, fields whose label ends in ``_`` are an error (section 4.4),
   a version above 10 is refused (section 4.4), non-finite numbers are refused (the records
   must stay JSON).
+- A resolved name uses only the characters of RFC 8428 4.5.1 (``A-Z a-z 0-9 - : . / _``)
+  and starts with a letter or digit, or with ``/`` (LwM2M's SenML names are paths such as
+  ``/3303/0/5700``, which OMA uses against the RFC's letter rule).
+- Bounds (:mod:`bridge.sources.bounds`): at most ``SENML_MAX_RECORDS`` records, names of at
+  most ``SENML_MAX_NAME`` characters, and ``SENML_MAX_RESOLVED`` bytes of resolved records,
+  checked record by record so a hostile pack fails before it is expanded.
 
 Pure: no I/O; the only clock is ``time.time()`` when ``now`` is not injected.
 """
@@ -44,7 +50,14 @@ from typing import Any
 
 import cbor2
 
-from .bounds import JSONBoundError, load_json
+from .bounds import (
+    CBOR_MAX_DEPTH,
+    SENML_MAX_NAME,
+    SENML_MAX_RECORDS,
+    SENML_MAX_RESOLVED,
+    JSONBoundError,
+    load_json,
+)
 
 __all__ = [
     "CBOR_LABELS",
@@ -90,6 +103,8 @@ _NUMBER_FIELDS = frozenset({"bt", "bv", "bs", "v", "s", "t", "ut"})
 _KNOWN_FIELDS = frozenset(CBOR_LABELS.values())
 _VALUE_FIELDS = ("v", "vs", "vb", "vd")
 _BASE64URL = re.compile(r"[A-Za-z0-9_-]*={0,2}")
+_NAME = re.compile(r"[A-Za-z0-9/][A-Za-z0-9:./_-]*")  # RFC 8428 4.5.1, and "/" first
+_RECORD_COST = 64  # bytes a resolved record counts beyond its text (SENML_MAX_RESOLVED)
 
 # [0-9], not \d: \d also matches non-ASCII digits that int() would happily accept.
 _PATH = re.compile(r"/?([0-9]{1,5}(?:/[0-9]{1,5}){0,3})/?")
@@ -189,6 +204,9 @@ def _checked(label: str, value: Any, index: int, cbor: bool) -> Any:
     if label in _TEXT_FIELDS:
         if not isinstance(value, str):
             raise DecodeError(f"record {index}: {label!r} must be a string, not {_kind(value)}")
+        if label in ("bn", "n") and len(value) > SENML_MAX_NAME:
+            raise DecodeError(f"record {index}: {label!r} is longer than {SENML_MAX_NAME} "
+                              "characters (SENML_MAX_NAME)")
         return value
     if label in _NUMBER_FIELDS:
         return _number(value, label, index)
@@ -239,6 +257,12 @@ def _resolve_one(
     if not present and not has_sum:
         return None  # a record that only sets base fields
     name = base["bn"] + fields.get("n", "")
+    if len(name) > SENML_MAX_NAME:
+        raise DecodeError(f"record {index}: the resolved name is longer than "
+                          f"{SENML_MAX_NAME} characters (SENML_MAX_NAME)")
+    if name and _NAME.fullmatch(name) is None:
+        raise DecodeError(f"record {index}: name {name[:60]!r} has characters RFC 8428 "
+                          "4.5.1 does not allow (A-Z a-z 0-9 - : . / _)")
     record: dict[str, Any] = {"n": name}
     unit = fields.get("u", base["bu"])
     if unit is not None:
@@ -266,6 +290,9 @@ def _resolve_one(
 def _resolve(pack: Any, now: float | None, cbor: bool) -> list[dict[str, Any]]:
     if not isinstance(pack, list):
         raise DecodeError(f"a SenML pack is an array, not a {_kind(pack)}")
+    if len(pack) > SENML_MAX_RECORDS:
+        raise DecodeError(f"the pack has {len(pack)} records, more than "
+                          f"{SENML_MAX_RECORDS} (SENML_MAX_RECORDS)")
     clock = time.time() if now is None else now
     base: dict[str, Any] = {
         "bn": "",
@@ -276,12 +303,17 @@ def _resolve(pack: Any, now: float | None, cbor: bool) -> list[dict[str, Any]]:
         "bver": SENML_VERSION,
     }
     resolved: list[dict[str, Any]] = []
+    size = 0
     for index, raw in enumerate(pack):
         fields = _record_fields(raw, index, cbor)
         # Base fields apply to their own record and every later one (RFC 8428 4).
         base.update({label: fields[label] for label in base if label in fields})
         record = _resolve_one(fields, base, index, clock)
         if record is not None:
+            size += _RECORD_COST + sum(len(v) for v in record.values() if isinstance(v, str))
+            if size > SENML_MAX_RESOLVED:
+                raise DecodeError(f"record {index}: the resolved records exceed "
+                                  f"{SENML_MAX_RESOLVED} bytes (SENML_MAX_RESOLVED)")
             resolved.append(record)
     return resolved
 
@@ -294,11 +326,18 @@ def decode_senml_json(data: bytes, now: float | None = None) -> list[dict[str, A
     return _resolve(strict_json(data, "SenML JSON"), now, cbor=False)
 
 
+def _cbor_decoder(stream: io.BytesIO) -> cbor2.CBORDecoder:
+    try:
+        return cbor2.CBORDecoder(stream, max_depth=CBOR_MAX_DEPTH)
+    except TypeError:  # cbor2 before 6 has no max_depth: its recursion guard applies
+        return cbor2.CBORDecoder(stream)
+
+
 def decode_senml_cbor(data: bytes, now: float | None = None) -> list[dict[str, Any]]:
     """application/senml+cbor -> resolved records; ``now`` anchors relative times."""
     stream = io.BytesIO(bytes(data))
     try:
-        pack = cbor2.CBORDecoder(stream).decode()
+        pack = _cbor_decoder(stream).decode()
     except Exception as exc:  # cbor2 raises many unrelated types for hostile input
         raise DecodeError(f"SenML CBOR is not valid CBOR: {exc}") from exc
     if stream.tell() != len(data):
