@@ -69,8 +69,8 @@ def _redacted(text: str | None) -> str | None:
 
 
 def _print_problems(error: ConfigError) -> None:
-    for problem in error.problems:
-        print(problem, file=sys.stderr)
+    for problem in error.problems:  # `run` too: a key may be "\e]0;..." in quotes
+        print(logs.printable(problem), file=sys.stderr)
     count = len(error.problems)
     print(f"{count} configuration problem{'s' if count != 1 else ''}; nothing was started",
           file=sys.stderr)
@@ -79,9 +79,19 @@ def _print_problems(error: ConfigError) -> None:
 # -- commands --------------------------------------------------------------------------
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from .checks import warnings
+
     config = _load(args)
+    found = warnings(config)
+    for warning in found:
+        print(f"{config.path}: warning: {warning}", file=sys.stderr)
+    if found and args.strict:
+        print(f"{len(found)} warning{'s' if len(found) != 1 else ''} (--strict); nothing "
+              "was started", file=sys.stderr)
+        return EX_CONFIG
+    note = f", {len(found)} warning{'s' if len(found) != 1 else ''}" if found else ""
     print(f"{config.path}: ok ({len(config.sources)} sources, "
-          f"{len(config.webhooks)} webhooks)")
+          f"{len(config.webhooks)} webhooks{note})")
     return EX_OK
 
 
@@ -405,8 +415,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = add("run", cmd_run, "run the daemon (systemd Type=notify; SIGHUP reloads)")
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                      help="override log.level")
-    add("check", cmd_check, "validate the configuration and print every problem "
-        "(exit 0 ok, 78 problems)")
+    check = add("check", cmd_check, "validate the configuration and print every problem "
+                "(exit 0 ok, 78 problems), then warn about placeholders no event can fill "
+                "and requests that do not render for a sample event")
+    check.add_argument("--strict", action="store_true",
+                       help="treat warnings as problems (exit 78)")
     status = add("status", cmd_status, "per-webhook state and counters, and the last error")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("--wide", action="store_true",

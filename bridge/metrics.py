@@ -96,6 +96,10 @@ class Metrics:
         self.devices_unrecorded = Counter(
             "webhook_bridge_devices_unrecorded",
             "Messages from new devices the full device registry did not record", registry=r)
+        self.invalid_unrouted = Counter(
+            "webhook_bridge_invalid_unrouted_events",
+            "Invalid events (payloads that did not decode) that no webhook takes: logged "
+            "once a minute per source with a count", ["source"], registry=r)
         self.known_types: frozenset[str] = SPEC_TYPES
         self._dynamic_types: set[str] = set()
         self._event_counters: dict[tuple[str, str], Counter] = {}
