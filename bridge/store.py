@@ -640,9 +640,7 @@ class Store:
         def enqueue(conn: sqlite3.Connection) -> None:
             # This may run twice (a failed group is retried op by op): the first run's
             # rows were rolled back, so their leases end.
-            for holder, row in batch.handed:
-                self.leases.release(holder, (row.id,))
-            batch.handed = []
+            _release_handed(self.leases, batch)
             if batch.forget_all:
                 conn.execute("DELETE FROM unacked")
             elif batch.forget:
@@ -659,26 +657,27 @@ class Store:
                 return
             now = batch.now
             holders: dict[str, Holder | None] = {}
+            wanted: dict[int, tuple[Holder, list[int]]] = {}  # one grant per holder
             for offset, item in enumerate(stored):
                 holder = holders.get(item.webhook, False)
                 if holder is False:
                     holder = holders[item.webhook] = self.leases.handoff_holder(item.webhook)
-                if holder is None:
-                    continue
-                row_id = first + offset
-                if not self.leases.grant(holder, (row_id,)):
-                    continue
-                self._sizes[row_id] = len(item.event) + ROW_OVERHEAD  # as _insert stored
-                batch.handed.append((holder, Delivery(row_id, item.webhook, item.event_id,
-                                                      item.device_id, item.event, now, now,
-                                                      0, None)))
+                if holder is not None:
+                    wanted.setdefault(id(holder), (holder, []))[1].append(offset)
+            for holder, offsets in wanted.values():
+                if not self.leases.grant(holder, [first + o for o in offsets]):
+                    continue  # retired meanwhile: the rows wait in the queue
+                for offset in offsets:
+                    item, row_id = stored[offset], first + offset
+                    self._sizes[row_id] = len(item.event) + ROW_OVERHEAD  # as _insert stored
+                    batch.handed.append((holder, Delivery(
+                        row_id, item.webhook, item.event_id, item.device_id, item.event, now,
+                        now, 0, None)))
 
         def settle(committed: bool, again: bool) -> None:
             # Rows are handed out only once their commit succeeded (a rerun hands anew).
             if not committed:
-                for holder, row in batch.handed:
-                    self.leases.release(holder, (row.id,))
-                batch.handed = []
+                _release_handed(self.leases, batch)
 
         enqueue.batch = batch  # type: ignore[attr-defined]
         enqueue.settle = settle  # type: ignore[attr-defined]
@@ -967,6 +966,15 @@ class DueQuery:
         result = DueRows(rows)
         result.exhausted = exhausted
         return result
+
+
+def _release_handed(leases: Leases, batch: _EnqueueBatch) -> None:
+    by_holder: dict[int, tuple[Holder, list[int]]] = {}
+    for holder, row in batch.handed:
+        by_holder.setdefault(id(holder), (holder, []))[1].append(row.id)
+    for holder, ids in by_holder.values():
+        leases.release(holder, ids)
+    batch.handed = []
 
 
 def _settle(op: Operation, committed: bool, again: bool) -> None:
