@@ -69,8 +69,8 @@ def _redacted(text: str | None) -> str | None:
 
 
 def _print_problems(error: ConfigError) -> None:
-    for problem in error.problems:
-        print(problem, file=sys.stderr)
+    for problem in error.problems:  # `run` too: a key may be "\e]0;..." in quotes
+        print(logs.printable(problem), file=sys.stderr)
     count = len(error.problems)
     print(f"{count} configuration problem{'s' if count != 1 else ''}; nothing was started",
           file=sys.stderr)

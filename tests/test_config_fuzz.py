@@ -100,6 +100,7 @@ ADVERSARIAL: dict[str, bytes | str] = {
     "duplicate keys": "mqtt:\n  host: a\n  host: b\n",
     "NUL bytes": "\x00\x01\x02",
     "escape sequences": "mqtt:\n  host: \"\\e[31m\\x9b\"\n",
+    "escape sequence key": "mqtt:\n  \"\\e]0;pwned\\a\": 1\n",
     "binary garbage": bytes(range(256)) * 8,
     "not UTF-8": b"mqtt:\n  host: \xff\xfe\n",
     "UTF-16": "mqtt:\n  host: a\n".encode("utf-16"),
@@ -263,7 +264,8 @@ def test_the_example_still_passes() -> None:
 
 @pytest.mark.parametrize("command", ["check", "run"])
 @pytest.mark.parametrize("name", ["billion laughs", "5000 nested lists", "6000-digit port",
-                                  "unclosed IPv6 url", "CA that is not a certificate"])
+                                  "unclosed IPv6 url", "CA that is not a certificate",
+                                  "escape sequence key"])
 def test_check_and_run_exit_78_without_traceback(tmp_path: Path, command: str,
                                                  name: str) -> None:
     path = tmp_path / "config.yaml"

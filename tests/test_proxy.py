@@ -579,3 +579,29 @@ def test_api_json_redacts_the_proxy_password() -> None:
     # ... and a changed proxy is taken as given.
     changed = admin.unredact({**shown, "proxy": "http://other:pw2@p:1"}, dump_webhook(webhook))
     assert changed["proxy"] == "http://other:pw2@p:1"
+
+
+@pytest.mark.parametrize("value", [
+    "none", "None", "http://proxy.corp:3128", "http://u:p%40ss@proxy.corp:3128/",
+    "http://gateway:${PROXY_PASSWORD}@proxy.corp:3128", "http://[fd00::1]:3128",
+    "https://proxy.corp:3128", "http://proxy.corp", "proxy.corp:3128", "socks5://s:1080",
+    "nonesuch", "http://proxy.corp:3128/path",
+])
+def test_schema_and_check_agree_on_proxy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         value: str) -> None:
+    import jsonschema
+    import yaml
+
+    monkeypatch.setenv("PROXY_PASSWORD", "pw-from-env")
+    text = ("webhooks:\n  - name: cloud\n    url: https://api.example.com/in\n"
+            f"    proxy: {json.dumps(value)}\n")
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    try:
+        load_config(str(path))
+        accepted = True
+    except ConfigError:
+        accepted = False
+    schema = json.loads((Path(__file__).parent.parent / "config" / "schema.json").read_text())
+    valid = jsonschema.Draft7Validator(schema).is_valid(yaml.safe_load(text))
+    assert accepted is valid
