@@ -80,6 +80,10 @@ class Metrics:
         self.dead_letters = Gauge(
             "webhook_bridge_dead_letters", "Deliveries in the dead letters", ["webhook"],
             registry=r)
+        self.dead_letters_pruned = Counter(
+            "webhook_bridge_dead_letters_pruned",
+            "Dead letters deleted to keep store.dead_letters' bound (age and size)",
+            ["webhook"], registry=r)
         self.webhook_state = Gauge(
             "webhook_bridge_webhook_state", "1 for the webhook's current state",
             ["webhook", "state"], registry=r)

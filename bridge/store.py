@@ -76,7 +76,9 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     attempts INTEGER NOT NULL,
     last_status INTEGER,
     reason TEXT NOT NULL,
-    response TEXT
+    response TEXT,
+    batch_id TEXT,  -- the webhook-id the endpoint saw, when the letter was in a batch
+    size INTEGER  -- bytes it takes, for store.dead_letters.max_size
 );
 CREATE INDEX IF NOT EXISTS dead_letters_webhook ON dead_letters (webhook, id);
 CREATE TABLE IF NOT EXISTS webhooks (
@@ -243,11 +245,13 @@ def connect(path: str, durability: str = "power_loss") -> sqlite3.Connection:
 def _add_columns(conn: sqlite3.Connection) -> None:
     """Columns added since a database may have been made (CREATE TABLE IF NOT EXISTS
     leaves an older table as it is)."""
-    have = {row[1] for row in conn.execute("PRAGMA table_info(webhooks)")}
-    if "state_version" not in have:
-        with contextlib.suppress(sqlite3.OperationalError):  # another process was first
-            conn.execute("ALTER TABLE webhooks ADD COLUMN state_version INTEGER NOT NULL"
-                         " DEFAULT 0")
+    for table, column, kind in (("webhooks", "state_version", "INTEGER NOT NULL DEFAULT 0"),
+                                ("dead_letters", "batch_id", "TEXT"),
+                                ("dead_letters", "size", "INTEGER")):
+        have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if column not in have:
+            with contextlib.suppress(sqlite3.OperationalError):  # another process was first
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
 
 class Store:
@@ -757,8 +761,10 @@ class Store:
             failures = 0
             if attempted:
                 failures = self._note_failure(conn, webhook, reason, counts_as_failure, now)
-            conn.execute("UPDATE webhooks SET dead = dead + ? WHERE name = ?",
-                         (len(ids), webhook))
+            # `status` shows why deliveries died, also those that died unsent (too old).
+            _update_webhook(conn, webhook, "UPDATE webhooks SET dead = dead + ?,"
+                            " last_error = ? WHERE name = ?",
+                            (len(ids), f"dead letter: {reason}", webhook))
             return failures
 
         return self._releasing(dead, holder, ids)
@@ -1069,10 +1075,41 @@ def move_to_dead_letters(conn: sqlite3.Connection, ids: list[int], reason: str,
                          extra_attempts: int) -> None:
     conn.executemany(
         "INSERT INTO dead_letters (webhook, event_id, device_id, event, created, died,"
-        " attempts, last_status, reason, response)"
+        " attempts, last_status, reason, response, batch_id, size)"
         " SELECT webhook, event_id, device_id, event, created, ?, attempts + ?,"
-        " COALESCE(?, last_status), ?, COALESCE(?, last_error) FROM deliveries WHERE id = ?",
-        [(now, extra_attempts, status, reason, response, i) for i in ids])
+        " COALESCE(?, last_status), ?, COALESCE(?, last_error), batch_id,"
+        f" LENGTH(event) + LENGTH(COALESCE(?, last_error, '')) + {ROW_OVERHEAD}"
+        " FROM deliveries WHERE id = ?",
+        [(now, extra_attempts, status, reason, response, response, i) for i in ids])
+
+
+def prune_dead_letters(conn: sqlite3.Connection, max_age: float, max_size: int,
+                       now: float) -> dict[str, int]:
+    """Bound the dead letters (store.dead_letters): delete those older than ``max_age``,
+    then the oldest until they take at most ``max_size`` bytes. Returns the count
+    deleted per webhook. Runs inside the caller's transaction."""
+    pruned: dict[str, int] = {}
+    for webhook, count in conn.execute("SELECT webhook, COUNT(*) FROM dead_letters"
+                                       " WHERE died < ? GROUP BY webhook", (now - max_age,)):
+        pruned[webhook] = count
+    if pruned:
+        conn.execute("DELETE FROM dead_letters WHERE died < ?", (now - max_age,))
+    total = conn.execute(f"SELECT COALESCE(SUM({_DEAD_SIZE}), 0) FROM dead_letters"
+                         ).fetchone()[0]
+    if total > max_size:
+        excess, last = total - max_size, None
+        for letter, webhook, size in conn.execute(
+                f"SELECT id, webhook, {_DEAD_SIZE} FROM dead_letters ORDER BY id"):
+            pruned[webhook] = pruned.get(webhook, 0) + 1
+            excess, last = excess - size, letter
+            if excess <= 0:
+                break
+        conn.execute("DELETE FROM dead_letters WHERE id <= ?", (last,))
+    return pruned
+
+
+# Rows written before the size column existed are sized from their event.
+_DEAD_SIZE = f"COALESCE(size, LENGTH(event) + {ROW_OVERHEAD})"
 
 
 def write_failed_change(conn: sqlite3.Connection, change: dict[str, Any] | None) -> None:
@@ -1098,8 +1135,8 @@ def bump_generation(conn: sqlite3.Connection) -> None:
 
 # -- dead letters, for the CLI and the admin API (any process, any time) ------------------
 
-_DEAD_COLUMNS = ("id, webhook, event_id, device_id, created, died, attempts, last_status,"
-                 " reason, response")
+_DEAD_COLUMNS = ("id, webhook, event_id, batch_id, device_id, created, died, attempts,"
+                 " last_status, reason, response")
 
 
 def _dead_filter(webhook: str | None, since: float | None, ids: list[int] | None
