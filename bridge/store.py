@@ -1073,6 +1073,11 @@ def webhook_rows(conn: sqlite3.Connection) -> dict[str, dict[str, Any]]:
     return rows
 
 
+def oldest_queued(conn: sqlite3.Connection) -> dict[str, float]:
+    """Per webhook, when its oldest queued delivery was created (for the age gauge)."""
+    return dict(conn.execute("SELECT webhook, MIN(created) FROM deliveries GROUP BY webhook"))
+
+
 def move_to_dead_letters(conn: sqlite3.Connection, ids: list[int], reason: str,
                          status: int | None, response: str | None, now: float,
                          extra_attempts: int) -> None:
