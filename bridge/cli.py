@@ -287,6 +287,11 @@ def cmd_dead(args: argparse.Namespace) -> int:
         ids = [int(i) for i in args.ids] if args.ids else None
         if args.action in ("list", "show"):
             rows = dead_list(conn, args.webhook, since, ids, with_event=args.action == "show")
+            missing = sorted(set(ids or ()) - {r["id"] for r in rows})
+            if args.action == "show" and missing:
+                raise Fatal(f"no dead letter with id {', '.join(map(str, missing))}"
+                            + (f" for webhook {args.webhook!r}" if args.webhook else "")
+                            + "; webhook-bridge dead list shows them")
             _print_dead(rows, args.action, args.json)
         elif args.action == "replay":
             count = dead_replay(conn, args.webhook, since, ids)
@@ -304,6 +309,8 @@ def cmd_dead(args: argparse.Namespace) -> int:
 
 def _print_dead(rows: list[dict[str, Any]], action: str, as_json: bool) -> None:
     for row in rows:
+        # The id the endpoint saw in webhook-id: the batch's when it went in a batch.
+        row["webhook_id"] = row["batch_id"] or row["event_id"]
         row["created"], row["died"] = _iso(row["created"]), _iso(row["died"])
         row["reason"], row["response"] = _redacted(row["reason"]), _redacted(row["response"])
         if "event" in row:
@@ -311,12 +318,12 @@ def _print_dead(rows: list[dict[str, Any]], action: str, as_json: bool) -> None:
     if as_json or action == "show":
         print(json.dumps(rows, indent=2, ensure_ascii=False))
         return
-    print(f"{'ID':>6} {'WEBHOOK':20} {'DIED':24} {'ATTEMPTS':>8} {'STATUS':>6}  "
-          "REASON / RESPONSE")
+    print(f"{'ID':>6} {'WEBHOOK':16} {'WEBHOOK-ID (EVENT)':30} {'DIED':24} {'TRIES':>5} "
+          f"{'STATUS':>6}  REASON / RESPONSE")
     for r in rows:
         response = (r["response"] or "").replace("\n", " ")[:40]
-        print(f"{r['id']:>6} {r['webhook'][:20]:20} {r['died']:24} {r['attempts']:>8} "
-              f"{r['last_status'] or '-':>6}  {r['reason']}"
+        print(f"{r['id']:>6} {r['webhook'][:16]:16} {r['webhook_id']:30} {r['died']:24} "
+              f"{r['attempts']:>5} {r['last_status'] or '-':>6}  {r['reason']}"
               + (f" / {response}" if response else ""))
     print(f"{len(rows)} dead letter{'s' if len(rows) != 1 else ''}")
 

@@ -37,13 +37,21 @@ from .rules import RuleSet
 from .signing import SecretKeeper
 from .sources.decode import SourceDecoder
 from .sources.mqtt import MqttSource
-from .store import ENABLED, Delivery, Store, webhook_rows, write_failed_change
+from .store import (
+    ENABLED,
+    Delivery,
+    Store,
+    prune_dead_letters,
+    webhook_rows,
+    write_failed_change,
+)
 from .systemd import Notifier, run_watchdog
 
 log = structlog.get_logger("bridge.daemon")
 
 POLL = 1.0  # seconds: how soon a change to a file takes effect
 FOLLOW = 0.2  # seconds: how soon a change a CLI command made to the store takes effect
+PRUNE_EVERY = 10.0  # seconds between two checks of the dead letters' bound
 DRAIN_GRACE = 30.0
 REMOVED_REASON = "webhook removed from the configuration"
 
@@ -287,16 +295,33 @@ class Bridge:
         await self._publish_state(name, state, reason, version)
 
     async def _watch(self) -> None:
-        """Once a second: follow what CLI commands changed in the store, record the
-        attempts in flight for ``status``, and reload when a config file changed."""
+        """Once a second: record the attempts in flight for ``status``, keep the dead
+        letters within their bound, and reload when a config file changed."""
+        pruned_at = 0.0
         while True:
             await asyncio.sleep(POLL)
             try:
+                if time.monotonic() - pruned_at >= PRUNE_EVERY:
+                    pruned_at = time.monotonic()
+                    await self.prune_dead_letters()
                 await self._record_in_flight()
                 if self._config_files() != self._files_seen:
                     await self.reload_logged("a configuration file changed")
             except Exception as exc:  # keep watching whatever happens
                 log.error("watch failed", cause=f"{type(exc).__name__}: {exc}")
+
+    async def prune_dead_letters(self) -> None:
+        """Delete the dead letters past store.dead_letters (max_age, then the oldest
+        beyond max_size): an endpoint that rejects everything cannot fill the disk."""
+        bound = self.config.store.dead_letters
+        pruned = await self.store.write(lambda conn: prune_dead_letters(
+            conn, bound.max_age, bound.max_size, time.time()))
+        if pruned:
+            for webhook, count in pruned.items():
+                self.metrics.dead_letters_pruned.labels(webhook).inc(count)
+            log.warning("dead letters deleted to stay within store.dead_letters",
+                        deleted=pruned, max_age_s=bound.max_age, max_size=bound.max_size,
+                        fix="replay or purge dead letters sooner, or raise the bound")
 
     async def _follow(self) -> None:
         """Follow what CLI commands change in the store, within FOLLOW seconds."""

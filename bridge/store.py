@@ -76,7 +76,9 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     attempts INTEGER NOT NULL,
     last_status INTEGER,
     reason TEXT NOT NULL,
-    response TEXT
+    response TEXT,
+    batch_id TEXT,  -- the webhook-id the endpoint saw, when the letter was in a batch
+    size INTEGER  -- bytes it takes, for store.dead_letters.max_size
 );
 CREATE INDEX IF NOT EXISTS dead_letters_webhook ON dead_letters (webhook, id);
 CREATE TABLE IF NOT EXISTS webhooks (
@@ -243,11 +245,13 @@ def connect(path: str, durability: str = "power_loss") -> sqlite3.Connection:
 def _add_columns(conn: sqlite3.Connection) -> None:
     """Columns added since a database may have been made (CREATE TABLE IF NOT EXISTS
     leaves an older table as it is)."""
-    have = {row[1] for row in conn.execute("PRAGMA table_info(webhooks)")}
-    if "state_version" not in have:
-        with contextlib.suppress(sqlite3.OperationalError):  # another process was first
-            conn.execute("ALTER TABLE webhooks ADD COLUMN state_version INTEGER NOT NULL"
-                         " DEFAULT 0")
+    for table, column, kind in (("webhooks", "state_version", "INTEGER NOT NULL DEFAULT 0"),
+                                ("dead_letters", "batch_id", "TEXT"),
+                                ("dead_letters", "size", "INTEGER")):
+        have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if column not in have:
+            with contextlib.suppress(sqlite3.OperationalError):  # another process was first
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
 
 class Store:
@@ -636,9 +640,7 @@ class Store:
         def enqueue(conn: sqlite3.Connection) -> None:
             # This may run twice (a failed group is retried op by op): the first run's
             # rows were rolled back, so their leases end.
-            for holder, row in batch.handed:
-                self.leases.release(holder, (row.id,))
-            batch.handed = []
+            _release_handed(self.leases, batch)
             if batch.forget_all:
                 conn.execute("DELETE FROM unacked")
             elif batch.forget:
@@ -655,26 +657,27 @@ class Store:
                 return
             now = batch.now
             holders: dict[str, Holder | None] = {}
+            wanted: dict[int, tuple[Holder, list[int]]] = {}  # one grant per holder
             for offset, item in enumerate(stored):
                 holder = holders.get(item.webhook, False)
                 if holder is False:
                     holder = holders[item.webhook] = self.leases.handoff_holder(item.webhook)
-                if holder is None:
-                    continue
-                row_id = first + offset
-                if not self.leases.grant(holder, (row_id,)):
-                    continue
-                self._sizes[row_id] = len(item.event) + ROW_OVERHEAD  # as _insert stored
-                batch.handed.append((holder, Delivery(row_id, item.webhook, item.event_id,
-                                                      item.device_id, item.event, now, now,
-                                                      0, None)))
+                if holder is not None:
+                    wanted.setdefault(id(holder), (holder, []))[1].append(offset)
+            for holder, offsets in wanted.values():
+                if not self.leases.grant(holder, [first + o for o in offsets]):
+                    continue  # retired meanwhile: the rows wait in the queue
+                for offset in offsets:
+                    item, row_id = stored[offset], first + offset
+                    self._sizes[row_id] = len(item.event) + ROW_OVERHEAD  # as _insert stored
+                    batch.handed.append((holder, Delivery(
+                        row_id, item.webhook, item.event_id, item.device_id, item.event, now,
+                        now, 0, None)))
 
         def settle(committed: bool, again: bool) -> None:
             # Rows are handed out only once their commit succeeded (a rerun hands anew).
             if not committed:
-                for holder, row in batch.handed:
-                    self.leases.release(holder, (row.id,))
-                batch.handed = []
+                _release_handed(self.leases, batch)
 
         enqueue.batch = batch  # type: ignore[attr-defined]
         enqueue.settle = settle  # type: ignore[attr-defined]
@@ -757,8 +760,10 @@ class Store:
             failures = 0
             if attempted:
                 failures = self._note_failure(conn, webhook, reason, counts_as_failure, now)
-            conn.execute("UPDATE webhooks SET dead = dead + ? WHERE name = ?",
-                         (len(ids), webhook))
+            # `status` shows why deliveries died, also those that died unsent (too old).
+            _update_webhook(conn, webhook, "UPDATE webhooks SET dead = dead + ?,"
+                            " last_error = ? WHERE name = ?",
+                            (len(ids), f"dead letter: {reason}", webhook))
             return failures
 
         return self._releasing(dead, holder, ids)
@@ -963,6 +968,15 @@ class DueQuery:
         return result
 
 
+def _release_handed(leases: Leases, batch: _EnqueueBatch) -> None:
+    by_holder: dict[int, tuple[Holder, list[int]]] = {}
+    for holder, row in batch.handed:
+        by_holder.setdefault(id(holder), (holder, []))[1].append(row.id)
+    for holder, ids in by_holder.values():
+        leases.release(holder, ids)
+    batch.handed = []
+
+
 def _settle(op: Operation, committed: bool, again: bool) -> None:
     """Run what ``op`` does once its transaction committed or failed (``again``: it will
     be tried again, when there is space): the leases it hands out or takes back."""
@@ -1059,15 +1073,51 @@ def webhook_rows(conn: sqlite3.Connection) -> dict[str, dict[str, Any]]:
     return rows
 
 
+def oldest_queued(conn: sqlite3.Connection) -> dict[str, float]:
+    """Per webhook, when its oldest queued delivery was created (for the age gauge)."""
+    return dict(conn.execute("SELECT webhook, MIN(created) FROM deliveries GROUP BY webhook"))
+
+
 def move_to_dead_letters(conn: sqlite3.Connection, ids: list[int], reason: str,
                          status: int | None, response: str | None, now: float,
                          extra_attempts: int) -> None:
     conn.executemany(
         "INSERT INTO dead_letters (webhook, event_id, device_id, event, created, died,"
-        " attempts, last_status, reason, response)"
+        " attempts, last_status, reason, response, batch_id, size)"
         " SELECT webhook, event_id, device_id, event, created, ?, attempts + ?,"
-        " COALESCE(?, last_status), ?, COALESCE(?, last_error) FROM deliveries WHERE id = ?",
-        [(now, extra_attempts, status, reason, response, i) for i in ids])
+        " COALESCE(?, last_status), ?, COALESCE(?, last_error), batch_id,"
+        f" LENGTH(event) + LENGTH(COALESCE(?, last_error, '')) + {ROW_OVERHEAD}"
+        " FROM deliveries WHERE id = ?",
+        [(now, extra_attempts, status, reason, response, response, i) for i in ids])
+
+
+def prune_dead_letters(conn: sqlite3.Connection, max_age: float, max_size: int,
+                       now: float) -> dict[str, int]:
+    """Bound the dead letters (store.dead_letters): delete those older than ``max_age``,
+    then the oldest until they take at most ``max_size`` bytes. Returns the count
+    deleted per webhook. Runs inside the caller's transaction."""
+    pruned: dict[str, int] = {}
+    for webhook, count in conn.execute("SELECT webhook, COUNT(*) FROM dead_letters"
+                                       " WHERE died < ? GROUP BY webhook", (now - max_age,)):
+        pruned[webhook] = count
+    if pruned:
+        conn.execute("DELETE FROM dead_letters WHERE died < ?", (now - max_age,))
+    total = conn.execute(f"SELECT COALESCE(SUM({_DEAD_SIZE}), 0) FROM dead_letters"
+                         ).fetchone()[0]
+    if total > max_size:
+        excess, last = total - max_size, None
+        for letter, webhook, size in conn.execute(
+                f"SELECT id, webhook, {_DEAD_SIZE} FROM dead_letters ORDER BY id"):
+            pruned[webhook] = pruned.get(webhook, 0) + 1
+            excess, last = excess - size, letter
+            if excess <= 0:
+                break
+        conn.execute("DELETE FROM dead_letters WHERE id <= ?", (last,))
+    return pruned
+
+
+# Rows written before the size column existed are sized from their event.
+_DEAD_SIZE = f"COALESCE(size, LENGTH(event) + {ROW_OVERHEAD})"
 
 
 def write_failed_change(conn: sqlite3.Connection, change: dict[str, Any] | None) -> None:
@@ -1093,8 +1143,8 @@ def bump_generation(conn: sqlite3.Connection) -> None:
 
 # -- dead letters, for the CLI and the admin API (any process, any time) ------------------
 
-_DEAD_COLUMNS = ("id, webhook, event_id, device_id, created, died, attempts, last_status,"
-                 " reason, response")
+_DEAD_COLUMNS = ("id, webhook, event_id, batch_id, device_id, created, died, attempts,"
+                 " last_status, reason, response")
 
 
 def _dead_filter(webhook: str | None, since: float | None, ids: list[int] | None
