@@ -19,7 +19,7 @@ from typing import Any
 
 import structlog
 
-from . import __version__, logs, store_check
+from . import __version__, logs, store_check, wear
 from .config import (
     EX_CONFIG,
     Config,
@@ -145,11 +145,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         rows = status_rows(config, conn)
         damage = store_check.recorded(conn)
+        writes = wear.recorded(conn)
     finally:
         conn.close()
     if args.json:
-        print(json.dumps({"webhooks": rows, "store": {"damage": damage}}, indent=2))
+        print(json.dumps({"webhooks": rows, "store": {"damage": damage, "writes": writes}},
+                         indent=2))
         return EX_OK
+    if writes is not None:
+        print(f"disk writes: {writes['bytes_per_s'] / 1024:.1f} KB/s, about "
+              f"{writes['gb_per_day']:.2f} GB/day at this rate (see README: SD cards and "
+              "flash wear)")
     if damage is not None:
         print(f"STORE DAMAGED at {_iso(float(damage['at']))}: {damage['damage']}; moved aside "
               f"to {damage['moved_to']} (deliveries queued there were not sent; delete it "
