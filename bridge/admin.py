@@ -34,9 +34,10 @@ from . import console, logs
 from .config import Config, ConfigError, WebhookConfig, dump_webhook, webhook_from_mapping
 from .config_yaml import MAX_DEPTH, json_number
 from .control import BridgeControl
+from .errors import ChangeError
 from .events import Event, new_id
 from .proxy import redact_proxy_url
-from .store import DISABLED, DISABLED_DUE_TO_ERRORS, ENABLED, webhook_rows
+from .store import DISABLED, DISABLED_DUE_TO_ERRORS, ENABLED, oldest_queued, webhook_rows
 
 log = structlog.get_logger("bridge.admin")
 
@@ -166,8 +167,10 @@ class AdminServer:
 
     async def readyz(self, request: web.Request) -> web.Response:
         bridge = self.bridge
-        body = {"ready": bridge.ready, "mqtt": bridge.mqtt_connected,
-                "store": not bridge.store.failed}
+        body: dict[str, Any] = {"ready": bridge.ready, "mqtt": bridge.mqtt_connected,
+                                "store": not bridge.store.failed}
+        if bridge.failed_change is not None:  # still running the previous config
+            body["failed_change"] = bridge.failed_change
         return web.json_response(body, status=200 if body["ready"] else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
@@ -181,14 +184,18 @@ class AdminServer:
         """Mirror the store into the gauges (done per scrape; the hot path pays nothing)."""
         metrics, config = self.bridge.metrics, self.config
         rows = await self.bridge.store.read(webhook_rows)
+        oldest = await self.bridge.store.read(oldest_queued)
+        now = time.time()
         names = {w.name for w in config.webhooks} | set(rows)
         for name in names:
             row = rows.get(name, {})
             metrics.queue_depth.labels(name).set(row.get("queued", 0))
+            created = oldest.get(name)
+            metrics.oldest_queued.labels(name).set(max(now - created, 0.0) if created else 0)
             metrics.dead_letters.labels(name).set(row.get("dead_letters", 0))
             metrics.set_state(name, _status(config.webhook(name), row))
         for gone in self._gauged - names:  # deleted webhooks leave no stale series
-            for gauge in (metrics.queue_depth, metrics.dead_letters):
+            for gauge in (metrics.queue_depth, metrics.dead_letters, metrics.oldest_queued):
                 _remove(gauge, gone)
             for state in (ENABLED, DISABLED, DISABLED_DUE_TO_ERRORS):
                 _remove(metrics.webhook_state, gone, state)
@@ -235,7 +242,7 @@ class AdminServer:
     async def create(self, request: web.Request) -> web.Response:
         body = await _json_object(request)
         state = _take_state(body)
-        webhook = self._validate(body, str(body.get("name", "?")))
+        webhook = await self._checked(body, str(body.get("name", "?")))
         name = webhook.name
         async with self._lock:
             if self.config.webhook(name) is not None or os.path.exists(self._file(name)):
@@ -257,7 +264,7 @@ class AdminServer:
         if body.setdefault("name", name) != name:
             raise Reject(422, {"errors": [f"name: renaming is not supported; POST {API} a new "
                                           f"webhook and DELETE {API}/{name}"]})
-        webhook = self._validate(unredact(body, dump_webhook(current)), name)
+        webhook = await self._checked(unredact(body, dump_webhook(current)), name)
         async with self._lock:
             self._check_managed(name)
             await self._apply(name, _yaml(webhook))
@@ -290,6 +297,17 @@ class AdminServer:
         log.info("webhook state changed via API", webhook=webhook.name, state=state,
                  remote=request.remote)
         return web.json_response(await self._current(webhook.name))
+
+    async def _checked(self, body: dict[str, Any], name: str) -> WebhookConfig:
+        """:meth:`_validate` for a change: a refused one is a failed change (logged,
+        shown by ``status`` and ``/readyz``) like a reload that does not apply."""
+        try:
+            return self._validate(body, name)
+        except Reject as reject:
+            if reject.status == 422:
+                await self.bridge.refuse_change(f"API change of webhook {name}",
+                                                list(reject.body["errors"]))
+            raise
 
     def _validate(self, body: dict[str, Any], name: str) -> WebhookConfig:
         config = self.config
@@ -328,19 +346,21 @@ class AdminServer:
                          "reload (the API changes only the webhooks it created)")
 
     async def _apply(self, name: str, content: bytes | None) -> None:
-        """Write (``None``: remove) conf.d/<name>.yaml and reload; if the reload fails, put
-        the previous file back, so disk and the running config stay the same."""
+        """Write (``None``: remove) conf.d/<name>.yaml and reload; if the change cannot be
+        applied in full, the bridge puts the previous file back (``undo``), so disk and
+        the running config stay the same, and the answer is 422 with the reason."""
         path = self._file(name)
         previous = await asyncio.to_thread(_read_bytes, path)
         await asyncio.to_thread(_replace, path, content)
-        try:
-            await self.bridge.reload()
-        except BaseException as exc:
+
+        async def undo() -> None:
             await asyncio.to_thread(_replace, path, previous)
-            if isinstance(exc, ConfigError):
-                raise Reject(422, {"errors": exc.problems}) from None
-            if not isinstance(exc, Exception):
-                raise
+
+        try:
+            await self.bridge.reload(f"API change of webhook {name}", undo=undo)
+        except (ConfigError, ChangeError) as exc:
+            raise Reject(422, {"errors": exc.problems}) from None
+        except Exception as exc:
             log.error("reload after an API change failed", webhook=name,
                       cause=f"{type(exc).__name__}: {exc}")
             raise _error(500, f"the change could not be applied ({type(exc).__name__}: "

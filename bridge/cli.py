@@ -42,6 +42,7 @@ from .store import (
     dead_list,
     dead_purge,
     dead_replay,
+    read_failed_change,
     set_state,
     transaction,
     webhook_rows,
@@ -68,8 +69,8 @@ def _redacted(text: str | None) -> str | None:
 
 
 def _print_problems(error: ConfigError) -> None:
-    for problem in error.problems:
-        print(problem, file=sys.stderr)
+    for problem in error.problems:  # `run` too: a key may be "\e]0;..." in quotes
+        print(logs.printable(problem), file=sys.stderr)
     count = len(error.problems)
     print(f"{count} configuration problem{'s' if count != 1 else ''}; nothing was started",
           file=sys.stderr)
@@ -78,9 +79,19 @@ def _print_problems(error: ConfigError) -> None:
 # -- commands --------------------------------------------------------------------------
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from .checks import warnings
+
     config = _load(args)
+    found = warnings(config)
+    for warning in found:
+        print(f"{config.path}: warning: {warning}", file=sys.stderr)
+    if found and args.strict:
+        print(f"{len(found)} warning{'s' if len(found) != 1 else ''} (--strict); nothing "
+              "was started", file=sys.stderr)
+        return EX_CONFIG
+    note = f", {len(found)} warning{'s' if len(found) != 1 else ''}" if found else ""
     print(f"{config.path}: ok ({len(config.sources)} sources, "
-          f"{len(config.webhooks)} webhooks)")
+          f"{len(config.webhooks)} webhooks{note})")
     return EX_OK
 
 
@@ -140,18 +151,28 @@ def _ms(ts: float | None) -> int | None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    config = _load(args)
+    try:
+        config = _load(args)
+    except ConfigError:
+        # A running daemon keeps its previous configuration meanwhile (/readyz says so).
+        print("CHANGE NOT APPLIED: the configuration on disk does not load; a running "
+              "daemon keeps the previous one. Fix these problems:", file=sys.stderr)
+        raise
     conn = _open_store(config)
     try:
         rows = status_rows(config, conn)
         damage = store_check.recorded(conn)
         writes = wear.recorded(conn)
+        failed = read_failed_change(conn)
     finally:
         conn.close()
     if args.json:
-        print(json.dumps({"webhooks": rows, "store": {"damage": damage, "writes": writes}},
-                         indent=2))
+        print(json.dumps({"webhooks": rows, "store": {"damage": damage, "writes": writes},
+                          "failed_change": failed}, indent=2))
         return EX_OK
+    if failed is not None:
+        print(f"CHANGE NOT APPLIED at {_iso(failed['at'] / 1000)} ({failed['change']}): "
+              f"{'; '.join(failed['problems'])}; still running the previous configuration")
     if writes is not None:
         print(f"disk writes: {writes['bytes_per_s'] / 1024:.1f} KB/s, about "
               f"{writes['gb_per_day']:.2f} GB/day at this rate (see README: SD cards and "
@@ -271,6 +292,11 @@ def cmd_dead(args: argparse.Namespace) -> int:
         ids = [int(i) for i in args.ids] if args.ids else None
         if args.action in ("list", "show"):
             rows = dead_list(conn, args.webhook, since, ids, with_event=args.action == "show")
+            missing = sorted(set(ids or ()) - {r["id"] for r in rows})
+            if args.action == "show" and missing:
+                raise Fatal(f"no dead letter with id {', '.join(map(str, missing))}"
+                            + (f" for webhook {args.webhook!r}" if args.webhook else "")
+                            + "; webhook-bridge dead list shows them")
             _print_dead(rows, args.action, args.json)
         elif args.action == "replay":
             count = dead_replay(conn, args.webhook, since, ids)
@@ -288,6 +314,8 @@ def cmd_dead(args: argparse.Namespace) -> int:
 
 def _print_dead(rows: list[dict[str, Any]], action: str, as_json: bool) -> None:
     for row in rows:
+        # The id the endpoint saw in webhook-id: the batch's when it went in a batch.
+        row["webhook_id"] = row["batch_id"] or row["event_id"]
         row["created"], row["died"] = _iso(row["created"]), _iso(row["died"])
         row["reason"], row["response"] = _redacted(row["reason"]), _redacted(row["response"])
         if "event" in row:
@@ -295,12 +323,12 @@ def _print_dead(rows: list[dict[str, Any]], action: str, as_json: bool) -> None:
     if as_json or action == "show":
         print(json.dumps(rows, indent=2, ensure_ascii=False))
         return
-    print(f"{'ID':>6} {'WEBHOOK':20} {'DIED':24} {'ATTEMPTS':>8} {'STATUS':>6}  "
-          "REASON / RESPONSE")
+    print(f"{'ID':>6} {'WEBHOOK':16} {'WEBHOOK-ID (EVENT)':30} {'DIED':24} {'TRIES':>5} "
+          f"{'STATUS':>6}  REASON / RESPONSE")
     for r in rows:
         response = (r["response"] or "").replace("\n", " ")[:40]
-        print(f"{r['id']:>6} {r['webhook'][:20]:20} {r['died']:24} {r['attempts']:>8} "
-              f"{r['last_status'] or '-':>6}  {r['reason']}"
+        print(f"{r['id']:>6} {r['webhook'][:16]:16} {r['webhook_id']:30} {r['died']:24} "
+              f"{r['attempts']:>5} {r['last_status'] or '-':>6}  {r['reason']}"
               + (f" / {response}" if response else ""))
     print(f"{len(rows)} dead letter{'s' if len(rows) != 1 else ''}")
 
@@ -399,8 +427,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = add("run", cmd_run, "run the daemon (systemd Type=notify; SIGHUP reloads)")
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                      help="override log.level")
-    add("check", cmd_check, "validate the configuration and print every problem "
-        "(exit 0 ok, 78 problems)")
+    check = add("check", cmd_check, "validate the configuration and print every problem "
+                "(exit 0 ok, 78 problems), then warn about placeholders no event can fill "
+                "and requests that do not render for a sample event")
+    check.add_argument("--strict", action="store_true",
+                       help="treat warnings as problems (exit 78)")
     status = add("status", cmd_status, "per-webhook state and counters, and the last error")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("--wide", action="store_true",

@@ -35,6 +35,8 @@ _MERGE_TAG = "tag:yaml.org,2002:merge"
 _STR_TAG = "tag:yaml.org,2002:str"
 _ENV_TOKEN = re.compile(r"\$\$\{|\$\{([^}]*)\}|\$\{")
 _ENV_REF = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?::-(.*))?", re.DOTALL)
+_BRACE = re.compile(r"[{}]")
+_SPACE_OR_CONTROL = re.compile(r"[\s\x00-\x1f]")
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 HOST = re.compile(r"[A-Za-z0-9._-]+|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*")
 TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -633,6 +635,8 @@ class Section:
         value = self.raw(key)
         if value is MISSING:
             return value
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)  # qos: 1.0 is 1, as JSON Schema (and so the schema) says
         options = list(allowed)
         by_text = {str(option).lower(): option for option in options}
         if not isinstance(value, (dict, list, bool)) and str(value).lower() in by_text:
@@ -744,8 +748,11 @@ def template_spans(text: str) -> list[tuple[int, int]]:
         elif text[i] == "}":
             raise ValueError(f"unmatched '}}' at character {i + 1}; write '}}}}' for a literal"
                              " brace")
-        else:
-            i += 1
+        else:  # on to the next brace (a URL may be long: no Python loop per character)
+            found = _BRACE.search(text, i)
+            if found is None:
+                break
+            i = found.start()
     return spans
 
 
@@ -772,7 +779,7 @@ def topic_problem(topic: str) -> str | None:
 
 def url_problem(url: str, *, insecure: bool, templates: bool = True) -> str | None:
     """Why ``url`` is unfit as a webhook target (None when fine)."""
-    if any(c.isspace() or ord(c) < 32 for c in url):
+    if _SPACE_OR_CONTROL.search(url):
         return "the URL contains spaces or control characters; percent-encode them (%20)"
     try:
         spans = template_spans(url)

@@ -18,7 +18,6 @@ picture come from :class:`bridge.attempts.Activity`; the queue depth is sampled 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import os
 import sqlite3
@@ -40,6 +39,7 @@ from .tools import KNOWN_TYPES, proxy_route, sample_event, shown_headers
 
 if TYPE_CHECKING:
     from .admin import AdminServer
+    from .control import BridgeControl
 
 log = structlog.get_logger("bridge.console")
 T = TypeVar("T")
@@ -69,13 +69,15 @@ def setup(app: web.Application, server: AdminServer) -> None:
 
 
 class Console:
+    """The console of one admin server (its files are read once, at start)."""
+
     def __init__(self, server: AdminServer) -> None:
         self.server = server
         self.files = {path: _static(name) for path, name in STATIC.items()}
         self._sampler: asyncio.Task[None] | None = None
 
     @property
-    def bridge(self) -> Any:
+    def bridge(self) -> BridgeControl:
         return self.server.bridge
 
     def install(self, app: web.Application) -> None:
@@ -138,7 +140,7 @@ class Console:
         attempts = [{"at": round(a.at * 1000), "eventId": a.event_id, "events": a.events,
                      "outcome": a.outcome, "status": a.status, "latencyMs": a.latency_ms,
                      "cause": redact(a.cause, webhook),
-                     "excerpt": redact(a.excerpt, webhook) if a.excerpt else None}
+                     "excerpt": redact(a.excerpt, webhook, True) if a.excerpt else None}
                     for a in activity.attempts(webhook.name)]
         return web.json_response({"attempts": attempts, "kept": activity.kept,
                                   "series": activity.series(webhook.name)})
@@ -287,17 +289,15 @@ class Console:
         return webhook
 
 
-def redact(text: str, webhook: WebhookConfig) -> str:
-    """``text`` (from an endpoint or a rendered request) without this webhook's secrets
-    (also those of an unsaved webhook, which no log has registered) nor any the log knows."""
-    auth = webhook.auth
-    secrets = [auth.password, auth.token, auth.value, auth.client_secret,
-               webhook.signing.secret if webhook.signing is not None else None]
-    if auth.type == "basic":
-        secrets.append(base64.b64encode(f"{auth.username}:{auth.password}".encode()).decode())
-    for secret in sorted((s for s in secrets if s and len(s) >= 4), key=len, reverse=True):
+def redact(text: str, webhook: WebhookConfig, excerpt: bool = False) -> str:
+    """``text`` (from an endpoint or a rendered request) without this webhook's secrets in
+    any form they travel in (also those of an unsaved webhook, which no log has
+    registered) nor any the log knows; an ``excerpt`` also loses a secret cut at its end."""
+    forms = {form for value in logs.webhook_secrets(webhook) if value and len(value) >= 4
+             for form in logs.secret_forms(value)}
+    for secret in sorted(forms, key=len, reverse=True):
         text = text.replace(secret, "***")
-    return logs.redact(text)
+    return logs.printable(logs.redact_excerpt(text) if excerpt else logs.redact(text))
 
 
 def _dead_json(row: dict[str, Any], webhook: WebhookConfig) -> dict[str, Any]:
@@ -305,7 +305,7 @@ def _dead_json(row: dict[str, Any], webhook: WebhookConfig) -> dict[str, Any]:
               "created": _ms(row["created"]), "died": _ms(row["died"]),
               "attempts": row["attempts"], "lastStatus": row["last_status"],
               "reason": redact(row["reason"] or "", webhook),
-              "response": redact(row["response"], webhook) if row["response"] else None}
+              "response": redact(row["response"], webhook, True) if row["response"] else None}
     if "event" in row:
         event = row["event"]
         if isinstance(event, bytes):  # stored as the bytes of its JSON
@@ -330,10 +330,15 @@ def _ids(body: dict[str, Any]) -> list[int] | None:
 async def _object(request: web.Request, empty_ok: bool = False) -> dict[str, Any]:
     if empty_ok and not (await request.read()).strip():
         return {}
+    from .admin import MAX_DEPTH, Reject, _loads  # the API's reading of untrusted JSON
+
     try:
-        data = await request.json()
+        data = await request.json(loads=_loads)
     except ValueError:
         raise _reject(400, "the body is not valid JSON") from None
+    except RecursionError:  # what `check` says of a file nested as deep
+        raise Reject(422, {"errors": [f"body: nested deeper than {MAX_DEPTH} levels; "
+                                      "flatten it"]}) from None
     if not isinstance(data, dict):
         raise _reject(422, "body: expected a JSON object")
     return data

@@ -8,6 +8,7 @@ daemon imports the admin server only when ``admin.listen`` is set.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -36,10 +37,15 @@ class BridgeControl(Protocol):
     def failed_change(self) -> dict[str, Any] | None:
         """The last live change that could not be applied (until a good one), or None."""
 
-    async def reload(self) -> None:
+    async def reload(self, why: str = "changed via API",
+                     undo: Callable[[], Awaitable[None]] | None = None) -> None:
         """Re-read the configuration and apply it atomically; raise
-        :class:`~bridge.config.ConfigError` or :class:`~bridge.errors.ChangeError` and
-        change nothing when it cannot be applied in full."""
+        :class:`~bridge.config.ConfigError` or :class:`~bridge.errors.ChangeError`, run
+        ``undo`` and change nothing when it cannot be applied in full."""
+
+    async def refuse_change(self, why: str, problems: list[str]) -> None:
+        """Record a change refused before it reached the configuration (log line,
+        ``status``, ``/readyz``), as :meth:`reload` records one that failed."""
 
     async def set_webhook_state(self, name: str, state: str,
                                 reason: str = "changed via API") -> None:

@@ -14,8 +14,10 @@ import contextlib
 import logging
 import os
 import signal
+import ssl
 import time
 import tracemalloc
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -25,7 +27,7 @@ from . import logs, store_check, testsend
 from .config import Config, ConfigError, WebhookConfig, load_config
 from .delivery import USER_AGENT, Outcome, Sender
 from .dispatch import WebhookWorker, status_notice
-from .errors import StartError
+from .errors import ChangeError, StartError
 from .events import Event
 from .ingest import Ingest
 from .metrics import Metrics
@@ -35,7 +37,14 @@ from .rules import RuleSet
 from .signing import SecretKeeper
 from .sources.decode import SourceDecoder
 from .sources.mqtt import MqttSource
-from .store import ENABLED, Delivery, Store, webhook_rows
+from .store import (
+    ENABLED,
+    Delivery,
+    Store,
+    prune_dead_letters,
+    webhook_rows,
+    write_failed_change,
+)
 from .systemd import Notifier, run_watchdog
 from .wear import WearMeter
 
@@ -43,6 +52,7 @@ log = structlog.get_logger("bridge.daemon")
 
 POLL = 1.0  # seconds: how soon a change to a file takes effect
 FOLLOW = 0.2  # seconds: how soon a change a CLI command made to the store takes effect
+PRUNE_EVERY = 10.0  # seconds between two checks of the dead letters' bound
 DRAIN_GRACE = 30.0
 REMOVED_REASON = "webhook removed from the configuration"
 
@@ -147,20 +157,12 @@ class Bridge:
     # -- commits to workers --------------------------------------------------------------
 
     def _enqueued(self, dropped: dict[str, int], handed: list[Delivery]) -> None:
-        """After each commit that queued deliveries: count drops, give idle workers
-        their new rows directly, and wake the rest."""
+        """After each commit that queued deliveries (the store has already handed caught-up
+        workers their new rows): count drops and wake the workers."""
         if dropped:
             self._drops.add(dropped)
-        by_webhook: dict[str, list[Delivery]] = {}
-        for row in handed:
-            by_webhook.setdefault(row.webhook, []).append(row)
-        for name, worker in self.workers.items():
-            rows = by_webhook.pop(name, None)
-            if rows:
-                worker.offer(rows)
+        for worker in self.workers.values():
             worker.wake()
-        for rows in by_webhook.values():  # a worker that went away meanwhile
-            self.store.leased.difference_update(r.id for r in rows)
 
     def _mqtt_session(self, present: bool) -> None:
         if not present:
@@ -200,6 +202,8 @@ class Bridge:
         self.ingest.sync_quota()
         if self.config.mqtt.embedded:
             await self._start_embedded_broker()
+        # This configuration loaded in full: a change that failed before is moot.
+        await self.store.write(lambda conn: write_failed_change(conn, None))
         states = await self.store.read(webhook_rows)
         for webhook in self.config.webhooks:
             if webhook.enabled:
@@ -214,12 +218,19 @@ class Bridge:
         log.info("bridge started", sources=len(self.decoders), webhooks=len(self.workers),
                  store=self.config.store.path)
 
-    def _start_worker(self, webhook: WebhookConfig, row: dict[str, Any]) -> None:
-        """Start webhook's worker in the state its store ``row`` holds."""
-        state = str(row.get("state", ENABLED))
+    def _build(self, webhook: WebhookConfig) -> tuple[Sender, Renderer]:
+        """A webhook's sender (TLS contexts loaded now) and renderer; raises when they
+        cannot be made (a CA or key file that does not load)."""
         sender = Sender(webhook, self.secrets)
         sender.start_nowait()
-        worker = WebhookWorker(webhook, self.store, sender, Renderer(webhook, USER_AGENT),
+        return sender, Renderer(webhook, USER_AGENT)
+
+    def _start_worker(self, webhook: WebhookConfig, row: dict[str, Any],
+                      built: tuple[Sender, Renderer] | None = None) -> None:
+        """Start webhook's worker in the state its store ``row`` holds."""
+        state = str(row.get("state", ENABLED))
+        sender, renderer = built or self._build(webhook)
+        worker = WebhookWorker(webhook, self.store, sender, renderer,
                                state=state, on_state=self._policy_state,
                                metrics=self.metrics)
         self.workers[webhook.name] = worker
@@ -286,18 +297,34 @@ class Bridge:
         await self._publish_state(name, state, reason, version)
 
     async def _watch(self) -> None:
-        """Once a second: follow what CLI commands changed in the store, record the
-        attempts in flight for ``status``, and reload when a config file changed."""
+        """Once a second: record the attempts in flight for ``status``, keep the dead
+        letters within their bound, and reload when a config file changed."""
+        pruned_at = 0.0
         while True:
             await asyncio.sleep(POLL)
             try:
+                if time.monotonic() - pruned_at >= PRUNE_EVERY:
+                    pruned_at = time.monotonic()
+                    await self.prune_dead_letters()
                 await self._record_in_flight()
                 self._record_wear()
-                self._reconcile_leases()
                 if self._config_files() != self._files_seen:
                     await self.reload_logged("a configuration file changed")
             except Exception as exc:  # keep watching whatever happens
                 log.error("watch failed", cause=f"{type(exc).__name__}: {exc}")
+
+    async def prune_dead_letters(self) -> None:
+        """Delete the dead letters past store.dead_letters (max_age, then the oldest
+        beyond max_size): an endpoint that rejects everything cannot fill the disk."""
+        bound = self.config.store.dead_letters
+        pruned = await self.store.write(lambda conn: prune_dead_letters(
+            conn, bound.max_age, bound.max_size, time.time()))
+        if pruned:
+            for webhook, count in pruned.items():
+                self.metrics.dead_letters_pruned.labels(webhook).inc(count)
+            log.warning("dead letters deleted to stay within store.dead_letters",
+                        deleted=pruned, max_age_s=bound.max_age, max_size=bound.max_size,
+                        fix="replay or purge dead letters sooner, or raise the bound")
 
     async def _follow(self) -> None:
         """Follow what CLI commands change in the store, within FOLLOW seconds."""
@@ -339,20 +366,6 @@ class Bridge:
                 await self.ingest.enqueue_events(events, change)
                 log.info("lwm2m registrations expired", devices=[e.device_id for e in events])
 
-    def _reconcile_leases(self) -> None:
-        """A safety net: a lease no worker holds would hide its delivery from every
-        query. Release such leases and make the workers look at the queue again."""
-        held: set[int] = set()
-        for worker in self.workers.values():
-            held |= worker.held_ids()
-        orphans = self.store.leased - held
-        if orphans:
-            log.warning("released deliveries no worker held", count=len(orphans),
-                        ids=sorted(orphans)[:10])
-            self.store.leased.difference_update(orphans)
-            for worker in self.workers.values():
-                worker.resync()
-
     def _record_wear(self) -> None:
         self.metrics.bytes_written.inc(self.wear.sample())
         if self.wear.due():  # rides with the next commit: no fsync of its own
@@ -384,51 +397,108 @@ class Bridge:
         return seen
 
     async def reload_logged(self, why: str) -> bool:
-        """Reload, logging (not raising) a bad configuration; True when applied."""
+        """Reload, logging (not raising) a change that cannot be applied; True when
+        applied. (SIGHUP and the file watch use this: nothing may escape.)"""
         try:
-            await self.reload()
-        except ConfigError as error:
+            await self.reload(why)
+        except (ConfigError, ChangeError):
+            return False  # logged and recorded by reload()
+        except Exception as exc:  # never a "Task exception was never retrieved"
             log.error("configuration not reloaded; still running the previous one",
-                      why=why, problems=error.problems)
+                      why=why, problems=[f"{type(exc).__name__}: {exc}"])
             return False
-        log.info("configuration reloaded", why=why, webhooks=len(self.workers))
         return True
 
-    async def reload(self) -> None:
-        """Re-read the configuration from disk and apply it live; raise ConfigError and
-        keep the running configuration when the new one is bad."""
+    async def reload(self, why: str = "changed via API",
+                     undo: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Re-read the configuration from disk and apply it live, atomically: raise
+        ConfigError (a bad file) or ChangeError (it cannot be applied, e.g. a TLS file
+        that does not load) and keep the running configuration, untouched. ``undo``
+        (the API's) puts the previous file back on failure, before the file watch can
+        see it. A failure is logged as one line and recorded for ``status`` and
+        ``/readyz`` until a reload succeeds."""
         async with self._reload_lock:
             self._files_seen = self._config_files()
             if self.notifier is not None:
                 self.notifier.reloading()
             try:
                 new = _embedded_protocol(load_config(self.config.path))
-                await self._apply(new)
+                changed = await self._apply(new)
+            except BaseException as error:
+                if undo is not None:
+                    await undo()
+                    self._files_seen = self._config_files()
+                if isinstance(error, (ConfigError, ChangeError)):
+                    await self._record_failure(why, error.problems)
+                raise
             finally:
                 if self.notifier is not None:
                     self.notifier.ready("reloaded")
+            # The files on disk and the running configuration agree again.
+            await self._record_failure(why, None)
+        log.info("configuration reloaded", why=why, webhooks=len(self.workers),
+                 changed=changed)
 
-    async def _apply(self, new: Config) -> None:
+    async def refuse_change(self, why: str, problems: list[str]) -> None:
+        """A change refused before it was written (the API's validation)."""
+        await self._record_failure(why, problems)
+
+    async def _record_failure(self, why: str, problems: list[str] | None) -> None:
+        """Note (``problems``) or clear (None) the failed change, here and in the store
+        (where ``webhook-bridge status`` reads it)."""
+        if problems is None:
+            if self.failed_change is None:
+                return
+            self.failed_change = None
+        else:
+            log.error("configuration not reloaded; still running the previous one",
+                      why=why, problems=problems)
+            self.failed_change = {"change": why, "at": int(time.time() * 1000),
+                                  "problems": list(problems)}
+        with contextlib.suppress(Exception):  # the log line stands if the store is down
+            await self.store.write(lambda conn: write_failed_change(conn, self.failed_change))
+
+    async def _apply(self, new: Config) -> bool:
+        """Build everything the new configuration needs, then swap it in; a failure while
+        building changes nothing. Returns False when there was nothing to change."""
         old = self.config
         for key in ("mqtt", "store", "admin", "log"):
             if getattr(old, key) != getattr(new, key):
                 log.warning("this section changes only on restart", section=key)
         new = replace(new, mqtt=old.mqtt, store=old.store, admin=old.admin, log=old.log)
+        if new == old:
+            return False
         logs.register_secrets(logs.config_secrets(new))
         before = {w.name: w for w in old.webhooks if w.enabled}
         after = {w.name: w for w in new.webhooks if w.enabled}
-        # New rules first: from now on messages are matched against the new webhooks;
-        # a removed webhook's worker still drains what it had in flight.
-        self.config = new
-        self.decoders = [SourceDecoder(s) for s in new.sources]
-        self.ingest.reconfigure(self.decoders, RuleSet(tuple(after.values())))
+        changed = [n for n in before if n not in after or before[n] != after[n]]
+        built: dict[str, tuple[Sender, Renderer]] = {}
+        try:
+            decoders = [SourceDecoder(s) for s in new.sources]
+            rules = RuleSet(tuple(after.values()))
+            for name, webhook in after.items():
+                if name not in self.workers or name in changed:
+                    try:
+                        built[name] = self._build(webhook)
+                    except Exception as exc:
+                        raise ChangeError([_build_error(webhook, exc)]) from None
+        except BaseException as exc:
+            for sender, _renderer in built.values():
+                await sender.close()
+            if isinstance(exc, (ChangeError, ConfigError)) or not isinstance(exc, Exception):
+                raise
+            raise ChangeError([_describe(exc)]) from None
+        # The swap. New rules first: from now on messages are matched against the new
+        # webhooks; a replaced or removed webhook's worker still drains what it had in
+        # flight.
+        self.config, self.decoders = new, decoders
+        self.ingest.reconfigure(decoders, rules)
         states = await self.store.read(webhook_rows)
-        for name in before:
-            if name not in after or before[name] != after[name]:
-                await self._stop_worker(name)
+        for name in changed:
+            await self._stop_worker(name)
         for name, webhook in after.items():
-            if name not in self.workers:
-                self._start_worker(webhook, states.get(name, {}))
+            if name in built:
+                self._start_worker(webhook, states.get(name, {}), built[name])
         gone = {w.name for w in old.webhooks} - {w.name for w in new.webhooks}
         for name in gone:
             count = await self.store.write(self.store.op_dead_all(name, REMOVED_REASON))
@@ -442,6 +512,7 @@ class Bridge:
                 log.warning("queued deliveries of a removed webhook moved to the dead "
                             "letters", webhook=name, count=count)
         await self.source.set_filters(self._filters())
+        return True
 
     # -- the rest -----------------------------------------------------------------------
 
@@ -531,6 +602,28 @@ class Bridge:
 def _log_failure(future: asyncio.Future[Any]) -> None:
     if not future.cancelled() and future.exception() is not None:
         log.warning("status note not recorded", cause=str(future.exception()))
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for an exception met while building a change (file errors name the
+    file; ssl errors carry their library reason)."""
+    if isinstance(exc, OSError) and exc.filename:
+        return f"{exc.filename}: {exc.strerror or exc}"
+    text = str(exc) or type(exc).__name__
+    return text if isinstance(exc, ssl.SSLError) else f"{type(exc).__name__}: {text}"
+
+
+def _build_error(webhook: WebhookConfig, exc: BaseException) -> str:
+    """Why a webhook's sender could not be built, naming its TLS files when they are
+    the cause (an ssl error does not say which file it read)."""
+    tls = webhook.tls
+    if isinstance(exc, ssl.SSLError) and tls is not None:
+        files = ", ".join(f"tls.{key} {value}" for key, value in (
+            ("ca_file", tls.ca_file), ("cert_file", tls.cert_file),
+            ("key_file", tls.key_file)) if value)
+        return (f"webhook {webhook.name}: its TLS files do not load ({files}): "
+                f"{_describe(exc)}; fix the file or the path")
+    return f"webhook {webhook.name}: {_describe(exc)}"
 
 
 def _log_allocations() -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,6 +76,7 @@ class Ingest:
         self._unrecorded = 0
         self._held: deque[_Held] = deque()
         self._commit_group: _CommitGroup | None = None
+        self.unrouted = UnroutedInvalid(metrics)
         metrics.set_known_types(_configured_types(decoders, rules))
 
     def reconfigure(self, decoders: list[SourceDecoder], rules: RuleSet) -> None:
@@ -170,6 +172,8 @@ class Ingest:
             self.metrics.count_event(event.source, event.type)
             names = self.rules.match(event)
             if not names:
+                if event.type == INVALID:
+                    self.unrouted.add(event)
                 continue
             body = dumps(event.body())
             items.extend(NewDelivery(n, event.id, event.device_id, body) for n in names)
@@ -250,6 +254,39 @@ class Ingest:
                 released += 1
             if released and not self._held:
                 log.info("queue has room again: acknowledging MQTT messages")
+
+
+class UnroutedInvalid:
+    """Invalid events no webhook takes would vanish silently: each is counted
+    (``webhook_bridge_invalid_unrouted_events_total{source}``) and logged, the first of a
+    source at once and then at most one line a minute per source, with the count since
+    the last line (a flood of junk cannot flood the log)."""
+
+    INTERVAL = 60.0
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self._counters: dict[str, Any] = {}
+        self._since: dict[str, int] = {}
+        self._logged: dict[str, float] = {}
+
+    def add(self, event: Event) -> None:
+        source = event.source
+        counter = self._counters.get(source)
+        if counter is None:  # sources come from the configuration: a bounded label
+            counter = self._counters[source] = self.metrics.invalid_unrouted.labels(source)
+        counter.inc()
+        self._since[source] = self._since.get(source, 0) + 1
+        now = time.monotonic()
+        last = self._logged.get(source)
+        if last is not None and now - last < self.INTERVAL:
+            return
+        self._logged[source] = now
+        log.warning("invalid events reached no webhook", source=source,
+                    count=self._since.pop(source), topic=event.topic[:200],
+                    decode_error=(event.decode_error or "")[:200],
+                    fix="add a webhook with events: [invalid] to keep them, or fix the "
+                        "device or the source's format")
 
 
 def _configured_types(decoders: list[SourceDecoder], rules: RuleSet) -> set[str]:

@@ -16,15 +16,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import structlog
+
+from .leases import Holder, Leases
 
 try:  # the events are made with orjson when it is installed (see events.dumps)
     from orjson import loads as _json_loads
@@ -76,7 +79,9 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     attempts INTEGER NOT NULL,
     last_status INTEGER,
     reason TEXT NOT NULL,
-    response TEXT
+    response TEXT,
+    batch_id TEXT,  -- the webhook-id the endpoint saw, when the letter was in a batch
+    size INTEGER  -- bytes it takes, for store.dead_letters.max_size
 );
 CREATE INDEX IF NOT EXISTS dead_letters_webhook ON dead_letters (webhook, id);
 CREATE TABLE IF NOT EXISTS webhooks (
@@ -166,7 +171,7 @@ class _EnqueueBatch:
     now: float = field(default_factory=time.time)
     future: asyncio.Future[Any] | None = None
     dropped: dict[str, int] = field(default_factory=dict)
-    handed: list[Delivery] = field(default_factory=list)
+    handed: list[tuple[Holder, Delivery]] = field(default_factory=list)
 
 
 _DELIVERY_COLUMNS = "id, webhook, event_id, device_id, event, created, due, attempts, batch_id"
@@ -247,11 +252,13 @@ def connect(path: str, durability: str = "power_loss") -> sqlite3.Connection:
 def _add_columns(conn: sqlite3.Connection) -> None:
     """Columns added since a database may have been made (CREATE TABLE IF NOT EXISTS
     leaves an older table as it is)."""
-    have = {row[1] for row in conn.execute("PRAGMA table_info(webhooks)")}
-    if "state_version" not in have:
-        with contextlib.suppress(sqlite3.OperationalError):  # another process was first
-            conn.execute("ALTER TABLE webhooks ADD COLUMN state_version INTEGER NOT NULL"
-                         " DEFAULT 0")
+    for table, column, kind in (("webhooks", "state_version", "INTEGER NOT NULL DEFAULT 0"),
+                                ("dead_letters", "batch_id", "TEXT"),
+                                ("dead_letters", "size", "INTEGER")):
+        have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if column not in have:
+            with contextlib.suppress(sqlite3.OperationalError):  # another process was first
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
 
 class Store:
@@ -274,9 +281,6 @@ class Store:
         self._enqueue_batch: _EnqueueBatch | None = None
         self._delivered_batch: dict[str, tuple[list[int], int, float]] | None = None
         self._delivered_future: asyncio.Future[Any] | None = None
-        # Webhooks whose worker takes new deliveries straight from the enqueue (it has
-        # caught up with the queue), and what each commit handed them.
-        self.handoff: set[str] = set()
         self.on_enqueued: Callable[[dict[str, int], list[Delivery]], None] | None = None
         self._wake: asyncio.Event | None = None
         self._lazy_wake: asyncio.TimerHandle | None = None
@@ -292,9 +296,10 @@ class Store:
         self.space_freed = asyncio.Event()
         self._freed = False
         self.bytes_pending = 0  # submitted, not yet committed (owned by the event loop)
-        # Deliveries a worker holds (prefetched or in flight): the quota never drops them,
-        # so a dropped delivery is never sent and a sent one is never counted as dropped.
-        self.leased: set[int] = set()
+        # Which worker holds which deliveries; only the store changes it (bridge.leases).
+        # The quota never drops a row being sent (so a sent one is never counted as
+        # dropped); it does drop prefetched rows, oldest first.
+        self.leases = Leases()
         # Packet ids of committed messages not known to be acknowledged (loop thread).
         self.unacked: dict[int, tuple[str, bytes]] = dict(
             (m, (t, d)) for m, t, d in self._writer.execute(
@@ -373,8 +378,10 @@ class Store:
             batch.also.append(also)
         return batch.future
 
-    def delivered(self, webhook: str, ids: list[int], now: float) -> asyncio.Future[Any]:
-        """Mark deliveries done (one attempt) in the next commit."""
+    def delivered(self, webhook: str, ids: list[int], now: float,
+                  holder: Holder | None = None) -> asyncio.Future[Any]:
+        """Mark deliveries done (one attempt) in the next commit; ``holder``'s leases on
+        them end with that commit (the rows stay out of every query until then)."""
         batch = self._delivered_batch
         if batch is None:
             batch = self._delivered_batch = {}
@@ -384,10 +391,34 @@ class Store:
             self._delivered_future = self.submit(
                 self.op_delivered_batch(batch),
                 within=max(DELIVERED_COMMIT_DELAY, self.commit_window))
-        ids_, attempts, _ = batch.get(webhook, ([], 0, 0.0))
+        ids_, attempts, _, holders = batch.get(webhook, ([], 0, 0.0, []))
         ids_.extend(ids)
-        batch[webhook] = (ids_, attempts + 1, now)
+        if holder is not None:
+            holders.append((holder, ids))
+        batch[webhook] = (ids_, attempts + 1, now, holders)
         return self._delivered_future
+
+    # -- leases: the only code that changes them (see bridge.leases) ---------------------
+
+    def claim(self, holder: Holder, ids: Collection[int]) -> bool:
+        """``holder`` is about to send these rows: from now on the quota leaves them alone.
+        False (nothing claimed) when one of them was dropped meanwhile."""
+        return self.leases.claim(holder, ids)
+
+    def release(self, holder: Holder, ids: Iterable[int]) -> None:
+        """``holder`` gives back rows it will not send now (they are queued again)."""
+        self.leases.release(holder, ids)
+
+    def retire(self, holder: Holder) -> None:
+        """``holder`` stops: see :meth:`Leases.retire`."""
+        self.leases.retire(holder)
+
+    def stop_handoff(self, holder: Holder) -> None:
+        """New rows are no longer handed to ``holder`` (it reads the queue instead)."""
+        self.leases.stop_handoff(holder)
+
+    def hands_off_to(self, holder: Holder) -> bool:
+        return self.leases.hands_off_to(holder)
 
     def redelivered(self, mid: int, topic: str, digest: bytes) -> bool:
         """A DUP redelivery of a message already committed (acknowledge it, queue
@@ -439,14 +470,19 @@ class Store:
             outcomes = await loop.run_in_executor(self._write_thread, self._apply, batch)
             full: BaseException | None = None
             for (op, future), (ok, value) in zip(batch, outcomes):
+                again = (not ok and not future.done() and _is_full(value)
+                         and not self._closed)
+                # Leases follow the outcome (here, before the next group can run): taken
+                # back with a commit, kept by an operation that waits for space.
+                _settle(op, ok, again)
                 owner = getattr(op, "batch", None)
-                if isinstance(owner, _EnqueueBatch):
-                    self._after_enqueue(owner, ok)
+                if ok and isinstance(owner, _EnqueueBatch):
+                    self._hand_out(owner)
                 if future.done():
                     continue
                 if ok:
                     future.set_result(value)
-                elif _is_full(value) and not self._closed:
+                elif again:
                     carry.append((op, future))
                     full = value
                 else:
@@ -462,18 +498,20 @@ class Store:
             if self._closed:
                 self._wake.set()  # drain what came in meanwhile, then return when empty
 
-    def _after_enqueue(self, batch: _EnqueueBatch, ok: bool) -> None:
-        """Hand an enqueue's rows to the workers only when its commit succeeded."""
-        if not ok:
-            self.leased.difference_update(r.id for r in batch.handed)
-            batch.handed = []
-            return
-        self.unacked.update(batch.acks)
-        if self.on_enqueued is not None:
-            try:
-                self.on_enqueued(batch.dropped, batch.handed)
-            except Exception as exc:  # a listener must not stop the commits
-                log.error("enqueue listener failed", cause=f"{type(exc).__name__}: {exc}")
+    def _hand_out(self, enqueued: _EnqueueBatch) -> None:
+        """After a commit that queued deliveries: give each caught-up worker its new rows
+        (leased to it in that commit), then tell the listener."""
+        self.unacked.update(enqueued.acks)
+        by_holder: dict[int, tuple[Holder, list[Delivery]]] = {}
+        for holder, row in enqueued.handed:
+            by_holder.setdefault(id(holder), (holder, []))[1].append(row)
+        try:
+            for holder, rows in by_holder.values():
+                holder.offer(rows)
+            if self.on_enqueued is not None:
+                self.on_enqueued(enqueued.dropped, [row for _, row in enqueued.handed])
+        except Exception as exc:  # a listener must not stop the commits
+            log.error("enqueue listener failed", cause=f"{type(exc).__name__}: {exc}")
 
     def _note_full(self, error: BaseException | None) -> None:
         """Enter or leave the disk-full state (one call of ``on_full`` each way)."""
@@ -614,9 +652,8 @@ class Store:
         leases for rows whose worker takes them directly (reported via ``on_enqueued``)."""
         def enqueue(conn: sqlite3.Connection) -> None:
             # This may run twice (a failed group is retried op by op): the first run's
-            # rows were rolled back, so are their leases.
-            self.leased.difference_update(r.id for r in batch.handed)
-            batch.handed = []
+            # rows were rolled back, so their leases end.
+            _release_handed(self.leases, batch)
             if batch.forget_all:
                 conn.execute("DELETE FROM unacked")
             elif batch.forget:
@@ -629,25 +666,41 @@ class Store:
             for also in batch.also:
                 also(conn)
             batch.dropped, first, stored = self._insert(conn, batch.items, batch.now)
-            if not stored or not self.handoff:
+            if not stored:
                 return
             now = batch.now
+            holders: dict[str, Holder | None] = {}
+            wanted: dict[int, tuple[Holder, list[int]]] = {}  # one grant per holder
             for offset, item in enumerate(stored):
-                if item.webhook in self.handoff:
-                    row_id = first + offset
-                    self.leased.add(row_id)
+                holder = holders.get(item.webhook, False)
+                if holder is False:
+                    holder = holders[item.webhook] = self.leases.handoff_holder(item.webhook)
+                if holder is not None:
+                    wanted.setdefault(id(holder), (holder, []))[1].append(offset)
+            for holder, offsets in wanted.values():
+                if not self.leases.grant(holder, [first + o for o in offsets]):
+                    continue  # retired meanwhile: the rows wait in the queue
+                for offset in offsets:
+                    item, row_id = stored[offset], first + offset
                     self._sizes[row_id] = len(item.event) + ROW_OVERHEAD  # as _insert stored
-                    batch.handed.append(Delivery(row_id, item.webhook, item.event_id,
-                                                 item.device_id, item.event, now, now, 0,
-                                                 None))
+                    batch.handed.append((holder, Delivery(
+                        row_id, item.webhook, item.event_id, item.device_id, item.event, now,
+                        now, 0, None)))
+
+        def settle(committed: bool, again: bool) -> None:
+            # Rows are handed out only once their commit succeeded (a rerun hands anew).
+            if not committed:
+                _release_handed(self.leases, batch)
 
         enqueue.batch = batch  # type: ignore[attr-defined]
+        enqueue.settle = settle  # type: ignore[attr-defined]
         return enqueue
 
-    def op_delivered_batch(self, batch: dict[str, tuple[list[int], int, float]]
+    def op_delivered_batch(self, batch: dict[str, tuple[list[int], int, float,
+                                                        list[tuple[Holder, list[int]]]]]
                            ) -> Operation:
         def delivered(conn: sqlite3.Connection) -> None:
-            for webhook, (ids, attempts, now) in batch.items():
+            for webhook, (ids, attempts, now, _) in batch.items():
                 self._delete(conn, ids)
                 _update_webhook(
                     conn, webhook,
@@ -655,18 +708,30 @@ class Store:
                     " consecutive_failures = 0, last_triggered = ?, last_error = NULL"
                     " WHERE name = ?", (len(ids), attempts, now, webhook))
 
+        def settle(committed: bool, again: bool) -> None:
+            if again:  # a delivered mark waiting for space keeps its rows leased
+                return
+            for _, _, _, holders in batch.values():
+                for holder, ids in holders:
+                    self.leases.release(holder, ids)
+
+        delivered.settle = settle  # type: ignore[attr-defined]
         return delivered
 
     def _drop_oldest(self, conn: sqlite3.Connection, excess: int) -> dict[str, int]:
         victims: list[int] = []
         dropped: dict[str, int] = {}
         freed = 0
-        after, page = 0, 256  # the head of the queue is often leased: read it in pages
+        after, page = 0, 256  # the head of the queue may be in flight: read it in pages
+        leases = self.leases
         while freed < excess:
             rows = _json_loads(conn.execute(_OLDEST, (after, page)).fetchone()[0])
             for delivery_id, webhook, size in rows:
                 after = delivery_id
-                if delivery_id in self.leased:
+                # A prefetched row loses its lease at once (its worker's claim fails and
+                # it reads the queue again; had this commit failed, the row would simply
+                # be found there again); a row being sent is not dropped.
+                if not leases.revoke_unless_sending(delivery_id):
                     continue
                 victims.append(delivery_id)
                 self._sizes[delivery_id] = size  # read here: no SUM needed to delete it
@@ -681,23 +746,26 @@ class Store:
         return dropped
 
     def op_retry(self, webhook: str, ids: list[int], status: int | None, error: str,
-                 counts_as_failure: bool, now: float) -> Operation:
+                 counts_as_failure: bool, now: float, holder: Holder | None = None
+                 ) -> Operation:
         """An attempt failed in a way worth retrying: keep the rows in their place in
         line (the webhook-level backoff decides when the next probe goes out) and note
-        the cause. Returns the webhook's consecutive failures."""
+        the cause; ``holder``'s leases end with the commit. Returns the webhook's
+        consecutive failures."""
         def retry(conn: sqlite3.Connection) -> int:
             conn.executemany(
                 "UPDATE deliveries SET attempts = attempts + 1, last_status = ?,"
                 " last_error = ? WHERE id = ?", [(status, error, i) for i in ids])
             return self._note_failure(conn, webhook, error, counts_as_failure, now)
 
-        return retry
+        return self._releasing(retry, holder, ids)
 
     def op_dead(self, webhook: str, ids: list[int], reason: str, status: int | None,
                 response: str | None, now: float, attempted: bool = True,
-                counts_as_failure: bool = False) -> Operation:
-        """Move deliveries to the dead letters (counting the attempt that killed them).
-        Returns the webhook's consecutive failures."""
+                counts_as_failure: bool = False, holder: Holder | None = None) -> Operation:
+        """Move deliveries to the dead letters (counting the attempt that killed them);
+        ``holder``'s leases end with the commit. Returns the webhook's consecutive
+        failures."""
         def dead(conn: sqlite3.Connection) -> int:
             move_to_dead_letters(conn, ids, reason, status, response, now,
                                  1 if attempted else 0)
@@ -705,35 +773,59 @@ class Store:
             failures = 0
             if attempted:
                 failures = self._note_failure(conn, webhook, reason, counts_as_failure, now)
-            conn.execute("UPDATE webhooks SET dead = dead + ? WHERE name = ?",
-                         (len(ids), webhook))
+            # `status` shows why deliveries died, also those that died unsent (too old).
+            _update_webhook(conn, webhook, "UPDATE webhooks SET dead = dead + ?,"
+                            " last_error = ? WHERE name = ?",
+                            (len(ids), f"dead letter: {reason}", webhook))
             return failures
 
-        return dead
+        return self._releasing(dead, holder, ids)
 
-    def op_lease(self, query: Callable[[sqlite3.Connection], list[Delivery]],
-                 skip_leased: bool = True, handoff_if_short: tuple[str, int] | None = None
-                 ) -> Operation:
-        """Run a due-query in the writer thread and lease what it returns, so the quota
-        cannot drop a row between the query and the lease. Rows already leased (handed
-        to the worker by an enqueue) are left out unless ``skip_leased`` is false. With
-        ``handoff_if_short`` (webhook, wanted) a short answer means the worker has caught
-        up: from this very commit on, new rows are handed to it (set here, in the writer
-        thread, so no row can fall between the query and the handoff)."""
+    def _releasing(self, op: Operation, holder: Holder | None, ids: list[int]) -> Operation:
+        """``op``, after whose commit (or failure: the rows are then still queued as they
+        were) ``holder``'s leases on ``ids`` end."""
+        if holder is not None:
+            def settle(committed: bool, again: bool) -> None:
+                if not again:  # waiting for space: the rows stay leased meanwhile
+                    self.leases.release(holder, ids)
+
+            op.settle = settle  # type: ignore[attr-defined]
+        return op
+
+    def op_lease(self, holder: Holder, query: Callable[[sqlite3.Connection], list[Delivery]],
+                 *, mine_too: bool = False, handoff: bool = False) -> Operation:
+        """Run a due-query in the writer thread and lease what it returns to ``holder``, so
+        the quota cannot drop a row between the query and the lease. Rows leased by
+        anyone are left out (with ``mine_too``, those ``holder`` has are kept). With
+        ``handoff``, an answer that saw the end of the queue means the worker has caught
+        up: from this very commit on, new rows of the webhook are handed to it (set here,
+        in the writer thread, so no row can fall between the query and the handoff)."""
+        leases = self.leases
+        granted: list[int] = []
+
         def lease(conn: sqlite3.Connection) -> list[Delivery]:
-            if skip_leased and isinstance(query, DueQuery):
+            leases.release(holder, granted)  # a rerun (its group failed): start afresh
+            if not mine_too and isinstance(query, DueQuery):
                 # Leased rows are not even read; the sizes of the rest are noted.
-                found: list[Delivery] = query(conn, skip=self.leased, sizes=self._sizes)
+                found: list[Delivery] = query(conn, skip=leases, sizes=self._sizes)
             else:
                 found = query(conn)
-            rows = [r for r in found if not (skip_leased and r.id in self.leased)]
-            self.leased.update(r.id for r in rows)
+            mine = leases.ids(holder) if mine_too else set()
+            granted[:] = leases.grant(holder, [r.id for r in found if r.id not in mine])
+            keep = mine.union(granted)
             # Caught up only when the query saw the end of the queue (rows it skipped as
             # already leased do not count as the end).
-            if handoff_if_short is not None and getattr(found, "exhausted", False):
-                self.handoff.add(handoff_if_short[0])
-            return rows
+            if handoff and isinstance(query, DueQuery) and getattr(found, "exhausted", False):
+                leases.start_handoff(query.webhook, holder)
+            return [r for r in found if r.id in keep]
 
+        def settle(committed: bool, again: bool) -> None:
+            if not committed:  # the worker gets an error (or a later answer), not these
+                leases.release(holder, granted)
+                if handoff:
+                    leases.stop_handoff(holder)
+
+        lease.settle = settle  # type: ignore[attr-defined]
         return lease
 
     def op_assign_batches(self, batches: list[tuple[list[int], str]]) -> Operation:
@@ -889,6 +981,23 @@ class DueQuery:
         return result
 
 
+def _release_handed(leases: Leases, batch: _EnqueueBatch) -> None:
+    by_holder: dict[int, tuple[Holder, list[int]]] = {}
+    for holder, row in batch.handed:
+        by_holder.setdefault(id(holder), (holder, []))[1].append(row.id)
+    for holder, ids in by_holder.values():
+        leases.release(holder, ids)
+    batch.handed = []
+
+
+def _settle(op: Operation, committed: bool, again: bool) -> None:
+    """Run what ``op`` does once its transaction committed or failed (``again``: it will
+    be tried again, when there is space): the leases it hands out or takes back."""
+    settle = getattr(op, "settle", None)
+    if settle is not None:
+        settle(committed, again)
+
+
 def _deliveries(conn: sqlite3.Connection, ids: list[int],
                 sizes: dict[int, int] | None = None) -> list[Delivery]:
     """The deliveries ``ids`` in that order (those still queued); their stored sizes go to
@@ -977,15 +1086,66 @@ def webhook_rows(conn: sqlite3.Connection) -> dict[str, dict[str, Any]]:
     return rows
 
 
+def oldest_queued(conn: sqlite3.Connection) -> dict[str, float]:
+    """Per webhook, when its oldest queued delivery was created (for the age gauge)."""
+    return dict(conn.execute("SELECT webhook, MIN(created) FROM deliveries GROUP BY webhook"))
+
+
 def move_to_dead_letters(conn: sqlite3.Connection, ids: list[int], reason: str,
                          status: int | None, response: str | None, now: float,
                          extra_attempts: int) -> None:
     conn.executemany(
         "INSERT INTO dead_letters (webhook, event_id, device_id, event, created, died,"
-        " attempts, last_status, reason, response)"
+        " attempts, last_status, reason, response, batch_id, size)"
         " SELECT webhook, event_id, device_id, event, created, ?, attempts + ?,"
-        " COALESCE(?, last_status), ?, COALESCE(?, last_error) FROM deliveries WHERE id = ?",
-        [(now, extra_attempts, status, reason, response, i) for i in ids])
+        " COALESCE(?, last_status), ?, COALESCE(?, last_error), batch_id,"
+        f" LENGTH(event) + LENGTH(COALESCE(?, last_error, '')) + {ROW_OVERHEAD}"
+        " FROM deliveries WHERE id = ?",
+        [(now, extra_attempts, status, reason, response, response, i) for i in ids])
+
+
+def prune_dead_letters(conn: sqlite3.Connection, max_age: float, max_size: int,
+                       now: float) -> dict[str, int]:
+    """Bound the dead letters (store.dead_letters): delete those older than ``max_age``,
+    then the oldest until they take at most ``max_size`` bytes. Returns the count
+    deleted per webhook. Runs inside the caller's transaction."""
+    pruned: dict[str, int] = {}
+    for webhook, count in conn.execute("SELECT webhook, COUNT(*) FROM dead_letters"
+                                       " WHERE died < ? GROUP BY webhook", (now - max_age,)):
+        pruned[webhook] = count
+    if pruned:
+        conn.execute("DELETE FROM dead_letters WHERE died < ?", (now - max_age,))
+    total = conn.execute(f"SELECT COALESCE(SUM({_DEAD_SIZE}), 0) FROM dead_letters"
+                         ).fetchone()[0]
+    if total > max_size:
+        excess, last = total - max_size, None
+        for letter, webhook, size in conn.execute(
+                f"SELECT id, webhook, {_DEAD_SIZE} FROM dead_letters ORDER BY id"):
+            pruned[webhook] = pruned.get(webhook, 0) + 1
+            excess, last = excess - size, letter
+            if excess <= 0:
+                break
+        conn.execute("DELETE FROM dead_letters WHERE id <= ?", (last,))
+    return pruned
+
+
+# Rows written before the size column existed are sized from their event.
+_DEAD_SIZE = f"COALESCE(size, LENGTH(event) + {ROW_OVERHEAD})"
+
+
+def write_failed_change(conn: sqlite3.Connection, change: dict[str, Any] | None) -> None:
+    """Record (None: clear) the live change the daemon could not apply, for ``status``."""
+    if change is None:
+        conn.execute("DELETE FROM meta WHERE key = 'failed_change'")
+    else:
+        conn.execute("INSERT INTO meta (key, value) VALUES ('failed_change', ?) ON CONFLICT"
+                     " (key) DO UPDATE SET value = excluded.value",
+                     (json.dumps(change, separators=(",", ":")),))
+
+
+def read_failed_change(conn: sqlite3.Connection) -> dict[str, Any] | None:
+    row = conn.execute("SELECT value FROM meta WHERE key = 'failed_change'").fetchone()
+    return json.loads(row[0]) if row else None
 
 
 def bump_generation(conn: sqlite3.Connection) -> None:
@@ -996,8 +1156,8 @@ def bump_generation(conn: sqlite3.Connection) -> None:
 
 # -- dead letters, for the CLI and the admin API (any process, any time) ------------------
 
-_DEAD_COLUMNS = ("id, webhook, event_id, device_id, created, died, attempts, last_status,"
-                 " reason, response")
+_DEAD_COLUMNS = ("id, webhook, event_id, batch_id, device_id, created, died, attempts,"
+                 " last_status, reason, response")
 
 
 def _dead_filter(webhook: str | None, since: float | None, ids: list[int] | None

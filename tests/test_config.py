@@ -106,18 +106,18 @@ def test_example_loads_without_environment() -> None:
 def test_example_validates_against_schema() -> None:
     jsonschema = pytest.importorskip("jsonschema")
     schema = json.loads(SCHEMA.read_text())
-    jsonschema.Draft202012Validator.check_schema(schema)
-    jsonschema.Draft202012Validator(schema).validate(yaml.safe_load(EXAMPLE.read_text()))
+    jsonschema.Draft7Validator.check_schema(schema)
+    jsonschema.Draft7Validator(schema).validate(yaml.safe_load(EXAMPLE.read_text()))
 
 
 SCHEMA_SECTIONS = {
     ("properties", "mqtt"): MQTTConfig,
     ("properties", "store"): StoreConfig,
-    ("$defs", "source"): SourceConfig,
-    ("$defs", "webhook"): WebhookConfig,
-    ("$defs", "auth"): AuthConfig,
-    ("$defs", "signing"): SigningConfig,
-    ("$defs", "retry"): RetryConfig,
+    ("definitions", "source"): SourceConfig,
+    ("definitions", "webhook"): WebhookConfig,
+    ("definitions", "auth"): AuthConfig,
+    ("definitions", "signing"): SigningConfig,
+    ("definitions", "retry"): RetryConfig,
 }
 
 
@@ -134,7 +134,7 @@ def test_schema_keys_match_dataclass_fields(where: tuple[str, str]) -> None:
 
 
 def test_schema_nested_tls_and_batch_match_dataclasses() -> None:
-    defs = json.loads(SCHEMA.read_text())["$defs"]
+    defs = json.loads(SCHEMA.read_text())["definitions"]
     tls = next(o for o in defs["tls"]["oneOf"] if o.get("type") == "object")
     batch = next(o for o in defs["batch"]["oneOf"] if o.get("type") == "object")
     assert set(tls["properties"]) == {f.name for f in dataclasses.fields(TLSConfig)}
@@ -270,7 +270,7 @@ def test_full_config_parses_every_key(tmp_path: Path) -> None:
 def test_full_config_validates_against_schema(tmp_path: Path) -> None:
     jsonschema = pytest.importorskip("jsonschema")
     schema = json.loads(SCHEMA.read_text())
-    jsonschema.Draft202012Validator(schema).validate(yaml.safe_load(FULL))
+    jsonschema.Draft7Validator(schema).validate(yaml.safe_load(FULL))
 
 
 def test_enumerations_are_case_insensitive(tmp_path: Path) -> None:
@@ -615,7 +615,7 @@ def test_type_map_refused_on_lwm2m_sources(tmp_path: Path) -> None:
 
 def test_type_map_validates_against_schema(tmp_path: Path) -> None:
     jsonschema = pytest.importorskip("jsonschema")
-    validator = jsonschema.Draft202012Validator(json.loads(SCHEMA.read_text()))
+    validator = jsonschema.Draft7Validator(json.loads(SCHEMA.read_text()))
     source = {"name": "s", "topic": "a/{device_id}", "format": "text", "type": "{payload}",
               "type_map": {"online": "connection", "offline": "disconnection"}}
     validator.validate({"sources": [source]})

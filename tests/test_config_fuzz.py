@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import re
 import tempfile
 import time
@@ -99,6 +100,7 @@ ADVERSARIAL: dict[str, bytes | str] = {
     "duplicate keys": "mqtt:\n  host: a\n  host: b\n",
     "NUL bytes": "\x00\x01\x02",
     "escape sequences": "mqtt:\n  host: \"\\e[31m\\x9b\"\n",
+    "escape sequence key": "mqtt:\n  \"\\e]0;pwned\\a\": 1\n",
     "binary garbage": bytes(range(256)) * 8,
     "not UTF-8": b"mqtt:\n  host: \xff\xfe\n",
     "UTF-16": "mqtt:\n  host: a\n".encode("utf-16"),
@@ -227,7 +229,9 @@ def run_check_on(data: bytes) -> None:
     assert seconds < TIME_BOUND, seconds
 
 
-FUZZ = settings(max_examples=150, deadline=None, database=None,
+# WB_FUZZ_EXAMPLES=5000 for a longer hunt than CI's.
+FUZZ = settings(max_examples=int(os.environ.get("WB_FUZZ_EXAMPLES", "150")), deadline=None,
+                database=None,
                 suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -260,7 +264,8 @@ def test_the_example_still_passes() -> None:
 
 @pytest.mark.parametrize("command", ["check", "run"])
 @pytest.mark.parametrize("name", ["billion laughs", "5000 nested lists", "6000-digit port",
-                                  "unclosed IPv6 url", "CA that is not a certificate"])
+                                  "unclosed IPv6 url", "CA that is not a certificate",
+                                  "escape sequence key"])
 def test_check_and_run_exit_78_without_traceback(tmp_path: Path, command: str,
                                                  name: str) -> None:
     path = tmp_path / "config.yaml"
@@ -319,4 +324,29 @@ async def test_api_refuses_what_check_refuses_with_the_same_message(
             assert status == 422, (answer, expected)
             messages = [re.sub(r"^api:w: ", "", e) for e in answer["errors"]]
             assert any(m.endswith(expected) for m in messages), (messages, expected)
+            # The console's live validation says the same.
+            if isinstance(body, bytes):
+                status, answer = await admin.call("POST", "/api/v1/console/check", raw=body)
+            else:
+                status, answer = await admin.call("POST", "/api/v1/console/check", body)
+            assert status in (200, 422), answer
+            assert any(e.endswith(expected) for e in answer["errors"]), (answer, expected)
         assert not (config.parent / "conf.d").exists()
+
+
+@pytest.mark.parametrize("key, value", [("keepalive", 65536), ("session_expiry", 2**32),
+                                        ("concurrency", 2**31)])
+def test_the_schema_knows_the_bounds(tmp_path: Path, key: str, value: int) -> None:
+    """config/schema.json refuses what `check` refuses past a bound (and accepts the bound)."""
+    import jsonschema
+
+    validator = jsonschema.Draft7Validator(json.loads((ROOT / "config" / "schema.json")
+                                                      .read_text()))
+    config = yaml.safe_load(EXAMPLE)
+    section = config["mqtt"] if key != "concurrency" else config["webhooks"][0]
+    for number, ok in ((value - 1, True), (value, False)):
+        section[key] = number
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(config))
+        code, output, _ = check(path)
+        assert (code == 0, not list(validator.iter_errors(config))) == (ok, ok), output

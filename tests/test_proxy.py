@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -167,7 +168,9 @@ class TestProxy:
 
     __test__ = False  # not a test class for pytest
 
-    def __init__(self, credentials: tuple[str, str] | None = None) -> None:
+    def __init__(self, credentials: tuple[str, str] | None = None,
+                 hosts: dict[str, str] | None = None) -> None:
+        self.hosts = hosts or {}  # the proxy's own name resolution (the gateway has none)
         self.expected = None if credentials is None else "Basic " + base64.b64encode(
             f"{credentials[0]}:{credentials[1]}".encode()).decode()
         self.connects: list[str] = []  # CONNECT targets that were tunnelled
@@ -231,7 +234,9 @@ class TestProxy:
     async def _tunnel(self, target: str, reader: asyncio.StreamReader,
                       writer: asyncio.StreamWriter) -> None:
         host, _, port = target.rpartition(":")
-        up_reader, up_writer = await asyncio.open_connection(host.strip("[]"), int(port))
+        host = host.strip("[]")
+        up_reader, up_writer = await asyncio.open_connection(self.hosts.get(host, host),
+                                                             int(port))
         self.writers.add(up_writer)
         writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
 
@@ -291,6 +296,34 @@ async def test_http1_tunnel_is_reused_and_keyed_by_route(certs: Certificates,
         await proxy.stop()
 
 
+async def test_http1_tunnel_tls_is_with_the_endpoint_by_name(certs: Certificates) -> None:
+    """Through the tunnel, SNI and the certificate check use the endpoint's name (which
+    only the proxy can resolve here): its certificate names api.example.test only."""
+    named = certs.ca.issue_cert("api.example.test")
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    named.configure_cert(server_context)
+    sni: list[str | None] = []
+    server_context.sni_callback = lambda _sock, name, _ctx: sni.append(name)  # type: ignore
+    server = await Endpoint(ssl_context=server_context).start()
+    proxy = await TestProxy(hosts={"api.example.test": "127.0.0.1"}).start()
+    pool = http1.ConnectionPool(1, 5.0, lambda: _client_context(certs),
+                                ProxyChoice(f"http://127.0.0.1:{proxy.port}"))
+    try:
+        url = f"https://api.example.test:{server.port}/named"
+        response = await pool.request("POST", url, {"X-N": "1"}, b'{"n": 1}')
+        assert response.status == 200 and response.body == b"ok"
+        assert sni == ["api.example.test"]
+        assert proxy.connects == [f"api.example.test:{server.port}"]
+        [received] = server.requests
+        assert (received.path, received.body, received.host, received.headers["X-N"]) == (
+            "/named", b'{"n": 1}', f"api.example.test:{server.port}", "1")
+        assert "Proxy-Authorization" not in received.headers
+    finally:
+        await pool.close()
+        await proxy.stop()
+        await server.stop()
+
+
 async def test_http1_tunnel_verifies_the_endpoint_certificate(certs: Certificates,
                                                               endpoint: Endpoint) -> None:
     """The TLS inside the tunnel is checked against the endpoint, not the proxy: an
@@ -339,14 +372,22 @@ async def test_http1_proxy_failures_are_plain(certs: Certificates, endpoint: End
                 assert caught.value.config_problem is ("407" in message)
             finally:
                 await pool.close()
+        # A proxy name that does not resolve (the text may say "in time" if DNS hangs).
+        pool = http1.ConnectionPool(1, 5.0, lambda: _client_context(certs),
+                                    ProxyChoice(None, {"HTTPS_PROXY": "proxy.invalid:3128"}))
+        try:
+            with pytest.raises(http1.ProxyError) as caught:
+                await pool.request("POST", endpoint.url + "/t", {}, b"x")
+            assert str(caught.value).startswith("proxy connect failed: "), str(caught.value)
+            assert "proxy.invalid:3128" in str(caught.value)
+        finally:
+            await pool.close()
         assert not endpoint.requests
     finally:
         await proxy.stop()
 
 
 def _client_context(certs: Certificates) -> Any:
-    import ssl
-
     context = ssl.create_default_context()
     certs.ca.configure_trust(context)
     return context
@@ -426,6 +467,9 @@ async def test_webhook_proxy_with_credentials_and_407(
     give a plain 407 in ``status``."""
     proxy = await TestProxy(("gateway", "Pr0xy:s3cret/1")).start()
     plain = await Endpoint().start()
+    closed = await TestProxy().start()
+    closed_port = closed.port
+    await closed.stop()  # nothing listens there now
     good = f"http://gateway:Pr0xy%3As3cret%2F1@127.0.0.1:{proxy.port}"
     bad = f"http://gateway:Wr0ng-s3cret@127.0.0.1:{proxy.port}"
     webhooks = [
@@ -433,6 +477,8 @@ async def test_webhook_proxy_with_credentials_and_407(
         {"name": "plain", "url": f"{plain.url}/plain", "allow_insecure_http": True,
          "proxy": good, "retry": {"initial": "100ms", "max": "1s"}},
         https_webhook("denied", endpoint, certs, "/denied", proxy=bad),
+        https_webhook("unreachable", endpoint, certs, "/unreachable",
+                      proxy=f"http://gateway:Pr0xy%3As3cret%2F1@127.0.0.1:{closed_port}"),
     ]
     # The environment says direct for everything: the key wins.
     env = {"NO_PROXY": "*", "HTTPS_PROXY": "http://127.0.0.1:9"}
@@ -451,16 +497,27 @@ async def test_webhook_proxy_with_credentials_and_407(
         assert proxy.forwarded == [f"POST http://127.0.0.1:{plain.port}/plain HTTP/1.1"]
         assert set(proxy.refused) == {f"CONNECT 127.0.0.1:{endpoint.port} HTTP/1.1"}
 
-        async def denied_error() -> str:
-            return (await _status_async(daemon))["denied"].get("last_error") or ""
+        async def errors() -> dict[str, str]:
+            return {name: row.get("last_error") or "" for name, row in
+                    (await _status_async(daemon)).items()}
 
-        message = f"proxy authentication required (407) at 127.0.0.1:{proxy.port}"
+        denied = f"proxy authentication required (407) at 127.0.0.1:{proxy.port}"
+        unreachable = (f"proxy connect failed: cannot connect to 127.0.0.1:{closed_port}"
+                       " (from proxy): ConnectionRefusedError")
         deadline = asyncio.get_running_loop().time() + 20
-        while message not in await denied_error():
-            assert asyncio.get_running_loop().time() < deadline, await denied_error()
+        while True:
+            shown = await errors()
+            if shown["denied"] == denied and shown["unreachable"].startswith(unreachable):
+                break
+            assert asyncio.get_running_loop().time() < deadline, shown
             await asyncio.sleep(0.1)
         statuses = await _status_async(daemon)
-        assert statuses["denied"]["delivered"] == 0
+        assert statuses["denied"]["delivered"] == statuses["unreachable"]["delivered"] == 0
+        # A 407 is a configuration problem and counts towards failure_limit; an
+        # unreachable proxy is like an offline network and does not.
+        assert statuses["denied"]["consecutive_failures"] >= 1
+        assert statuses["unreachable"]["consecutive_failures"] == 0
+        assert statuses["unreachable"]["attempts"] >= 1
         table = (await asyncio.to_thread(daemon.cli, "status")).stdout
         dumped = json.dumps(statuses) + table + daemon.output()
         for secret in ("Pr0xy:s3cret/1", "Pr0xy%3As3cret%2F1", "Wr0ng-s3cret",
@@ -522,3 +579,29 @@ def test_api_json_redacts_the_proxy_password() -> None:
     # ... and a changed proxy is taken as given.
     changed = admin.unredact({**shown, "proxy": "http://other:pw2@p:1"}, dump_webhook(webhook))
     assert changed["proxy"] == "http://other:pw2@p:1"
+
+
+@pytest.mark.parametrize("value", [
+    "none", "None", "http://proxy.corp:3128", "http://u:p%40ss@proxy.corp:3128/",
+    "http://gateway:${PROXY_PASSWORD}@proxy.corp:3128", "http://[fd00::1]:3128",
+    "https://proxy.corp:3128", "http://proxy.corp", "proxy.corp:3128", "socks5://s:1080",
+    "nonesuch", "http://proxy.corp:3128/path",
+])
+def test_schema_and_check_agree_on_proxy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         value: str) -> None:
+    import jsonschema
+    import yaml
+
+    monkeypatch.setenv("PROXY_PASSWORD", "pw-from-env")
+    text = ("webhooks:\n  - name: cloud\n    url: https://api.example.com/in\n"
+            f"    proxy: {json.dumps(value)}\n")
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    try:
+        load_config(str(path))
+        accepted = True
+    except ConfigError:
+        accepted = False
+    schema = json.loads((Path(__file__).parent.parent / "config" / "schema.json").read_text())
+    valid = jsonschema.Draft7Validator(schema).is_valid(yaml.safe_load(text))
+    assert accepted is valid

@@ -240,3 +240,18 @@ async def test_no_secret_in_the_store_the_cli_the_api_or_the_log(
         await token.stop()
         if daemon.proc is not None and daemon.proc.poll() is None:
             daemon.kill()
+
+
+def test_the_api_hides_url_passwords_and_a_put_back_keeps_them() -> None:
+    from bridge.admin import redact, unredact
+
+    current = {"name": "w", "url": "https://user:unit-url-pw@api.example/in",
+               "auth": {"type": "oauth2", "token_url": "https://c:unit-t-pw@t.example/token",
+                        "client_id": "c", "client_secret": "unit-cs"}}
+    shown = redact(json.loads(json.dumps(current)))
+    assert shown["url"] == "https://user:***@api.example/in"
+    assert shown["auth"] == {"type": "oauth2", "token_url": "https://c:***@t.example/token",
+                             "client_id": "c", "client_secret": "***"}
+    assert unredact(json.loads(json.dumps(shown)), current) == current
+    moved = {**json.loads(json.dumps(shown)), "url": "https://user:***@other.example/in"}
+    assert unredact(moved, current)["url"] == "https://user:***@other.example/in"  # refused

@@ -4,7 +4,10 @@ subprocess and the admin API over HTTP."""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
+import signal
 import sqlite3
 import time
 from pathlib import Path
@@ -22,6 +25,8 @@ from .support import (
     base_config,
     free_port,
     https_webhook,
+    paced_publish,
+    seqs,
     started,
     wait_for,
 )
@@ -95,7 +100,8 @@ async def test_the_last_writer_wins_between_cli_and_api(
     sent = 0
 
     async def cli(state: str) -> None:
-        done = daemon.cli("enable" if state == "ENABLED" else "disable", "w")
+        done = await asyncio.to_thread(daemon.cli, "enable" if state == "ENABLED"
+                                       else "disable", "w")
         assert done.returncode == 0, done.stderr
 
     async def holds(state: str) -> None:
@@ -168,3 +174,109 @@ def api_ready(port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+async def test_a_change_that_cannot_be_applied_changes_nothing(
+        tmp_path: Path, mosquitto: Mosquitto, certs: Certificates) -> None:
+    """A reload and an API PUT whose CA file does not load: 422 / one log line, the old
+    configuration keeps delivering without a gap, `status` and /readyz name the failed
+    change until a good one applies."""
+    main, api_end = [await Endpoint(ssl_context=certs.server_context()).start()
+                     for _ in range(2)]
+    bad_ca = tmp_path / "bad-ca.pem"
+    bad_ca.write_text("this is not a certificate\n")
+    admin_port = free_port()
+    config = state_config(tmp_path, mosquitto, main, certs, admin_port)
+    daemon = Daemon(tmp_path, config).start()
+    publisher = Publisher(mosquitto.port)
+    api = Api(admin_port)
+    api_hook = https_webhook("api", api_end, certs, "/a1")
+
+    async def status() -> str:
+        # In a thread: this process's event loop serves the endpoints meanwhile.
+        done = await asyncio.to_thread(daemon.cli, "status")
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    async def readyz() -> dict[str, Any]:
+        async with api.session.get("/readyz") as response:
+            return await response.json()
+
+    try:
+        await started(daemon)
+        await wait_for(lambda: api_ready(admin_port), 10, "the admin server")
+        assert (await api.call("POST", "", api_hook))[0] == 201
+        stream = asyncio.create_task(asyncio.to_thread(paced_publish, publisher,
+                                                       range(800), 100.0))
+        await wait_for(lambda: len(api_end.requests) >= 100, 20, "the stream to flow")
+
+        marks = {"put": time.time()}
+        # An API PUT with a CA file that does not load.
+        status_code, body = await api.call(
+            "PUT", "/api", {**api_hook, "url": api_end.url + "/a2",
+                            "tls": {"ca_file": str(bad_ca)}})
+        assert status_code == 422, body
+        assert len(body["errors"]) == 1 and str(bad_ca) in body["errors"][0], body
+        shown = await status()
+        assert "CHANGE NOT APPLIED" in shown and "(API change of webhook api)" in shown
+        assert (await readyz())["failed_change"]["problems"] == body["errors"]
+        assert (await api.call("GET", "/api"))[1]["url"] == api_end.url + "/a1"
+
+        # A reload (SIGHUP) with the main file's webhook on that CA file.
+        broken = {**config, "webhooks": [https_webhook("w", main, certs, "/v2",
+                                                       tls={"ca_file": str(bad_ca)})]}
+        daemon.rewrite(broken)
+        daemon.signal(signal.SIGHUP)
+        await wait_for(lambda: "configuration not reloaded" in daemon.output(), 10,
+                       "the failed reload")
+        # `status` cannot read this file either: it says so, with check's words.
+        done = await asyncio.to_thread(daemon.cli, "status")
+        assert done.returncode == 78
+        assert done.stderr.startswith("CHANGE NOT APPLIED: the configuration on disk does "
+                                      "not load"), done.stderr
+        assert f"webhooks[0].tls.ca_file: cannot load CA certificates from '{bad_ca}'" \
+            in done.stderr
+        assert (await readyz())["failed_change"]["change"] == "SIGHUP"
+        failed_at = time.time()
+        marks["failed reload"] = failed_at
+        await wait_for(lambda: len([r for r in main.requests if r.at > failed_at]) > 20,
+                       10, "deliveries after the failed reload")
+
+        # Good changes apply (the file first: the API's change reloads it too), and the
+        # failure is no longer shown.
+        reloads = daemon.output().count('"configuration reloaded"')
+        marks["good reload"] = time.time()
+        daemon.rewrite({**config, "webhooks": [https_webhook("w", main, certs, "/v3")]})
+        daemon.signal(signal.SIGHUP)
+        await wait_for(lambda: daemon.output().count('"configuration reloaded"') > reloads,
+                       10, "the good reload")
+        status_code, body = await api.call("PUT", "/api", {**api_hook,
+                                                            "url": api_end.url + "/a3"})
+        assert status_code == 200, body
+        marks["good put"] = time.time()
+        assert "CHANGE NOT APPLIED" not in await status()
+        assert "failed_change" not in await readyz()
+        await stream
+        for endpoint in (main, api_end):
+            await wait_for(lambda e=endpoint: set(seqs(e.requests)) >= set(range(800)), 30,
+                           "every message")
+            times = sorted(r.at for r in endpoint.requests)
+            gaps = [b - a for a, b in itertools.pairwise(times)]
+            worst = max(range(len(gaps)), key=gaps.__getitem__)
+            assert gaps[worst] < 1.0, (f"a {gaps[worst]:.2f}s gap in the deliveries at "
+                                       f"{times[worst]} (changes made at {marks})")
+        assert {r.path for r in main.requests[-10:]} == {"/v3"}
+        assert {r.path for r in api_end.requests[-10:]} == {"/a3"}
+        assert {r.path for r in main.requests} == {"/ingest", "/v3"}
+        assert {r.path for r in api_end.requests} == {"/a1", "/a3"}
+        output = daemon.output()
+        assert output.count("configuration not reloaded") == 2  # one line per failure
+        assert "Task exception was never retrieved" not in output
+        assert "Traceback" not in output
+    finally:
+        await api.session.close()
+        publisher.close()
+        if daemon.proc.poll() is None:
+            daemon.terminate()
+        for endpoint in (main, api_end):
+            await endpoint.stop()

@@ -1,6 +1,7 @@
 """The queue's own guarantees, on a real Store in a temp dir: exact quota accounting, leases
-the quota never drops, queue order and handoff of the due-query, ids that are never reused,
-rows read back bit for bit, and stores written by earlier versions."""
+owned by the store (rows being sent are never dropped, prefetched ones lose their lease to
+the quota), queue order and handoff of the due-query, ids that are never reused, rows read
+back bit for bit, and stores written by earlier versions."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from bridge.leases import Leases
 from bridge.store import (
     _FETCH_SQL,
     _MARKS,
@@ -68,11 +70,25 @@ async def counters(store: Store, webhook: str) -> dict[str, Any]:
     return await store.read(read)
 
 
+class Holder:
+    """A lease holder standing in for a worker: keeps what the store hands it."""
+
+    def __init__(self) -> None:
+        self.handed: list[Delivery] = []
+        self.offers: list[list[Delivery]] = []
+
+    def offer(self, rows: list[Delivery]) -> None:
+        self.handed.extend(rows)
+        self.offers.append(rows)
+
+
+WORKER = Holder()
+
+
 async def lease(store: Store, webhook: str, limit: int, exclude: Iterable[int] = (),
-                handoff: bool = False) -> list[Delivery]:
+                handoff: bool = False, holder: Holder = WORKER) -> list[Delivery]:
     query = Store.q_due(webhook, None, limit, set(exclude))
-    rows: list[Delivery] = await store.write(store.op_lease(
-        query, handoff_if_short=(webhook, limit) if handoff else None))
+    rows: list[Delivery] = await store.write(store.op_lease(holder, query, handoff=handoff))
     return rows
 
 
@@ -98,12 +114,12 @@ async def test_bytes_queued_stays_exact_through_every_kind_of_delete(store: Stor
 
 
 async def test_bytes_queued_stays_exact_for_rows_handed_out(store: Store) -> None:
-    handed: list[Delivery] = []
-    store.on_enqueued = lambda _, rows: handed.extend(rows)
+    worker = Holder()
     await store.enqueue(items(30, size=150))
-    leased = await lease(store, "a", 20)  # sizes noted from the rows read
-    store.handoff.add("a")
+    leased = await lease(store, "a", 20, holder=worker)  # sizes noted from the rows read
+    store.leases.start_handoff("a", worker)
     await store.enqueue(items(10, size=300, start=30))  # sizes noted at the insert
+    handed = worker.handed
     assert len(handed) == 10
     await store.delivered("a", [r.id for r in leased[:15] + handed[:5]], 1.0)
     assert store.bytes_queued == await stored_bytes(store) == 15 * 246 + 5 * 396
@@ -127,27 +143,36 @@ async def test_delete_of_more_ids_than_one_statement_takes(store: Store) -> None
     assert (await counters(store, "a"))["delivered"] == 1203
 
 
-async def test_drop_oldest_drops_the_oldest_unleased_rows_and_counts_them(
+async def test_drop_oldest_drops_the_oldest_rows_not_being_sent_and_counts_them(
         tmp_path: Path) -> None:
     store = Store(str(tmp_path / "queue.db"), max_size=196 * 600)
     await store.start()
     try:
         await store.enqueue(items(300, "a") + items(300, "b"))
         rows = await rows_of(store)
-        # The oldest 400 are leased (in flight, ready): the quota must skip them.
-        held = {r.id for r in rows[:400]}
-        store.leased |= held
-        future = store.enqueue(items(50, "c"))
+        # The oldest 400 are leased; "a"'s 300 are being sent: the quota must skip those,
+        # and drop the prefetched ones of "b" first, oldest first.
+        a, b = Holder(), Holder()
+        assert len(await lease(store, "a", 300, holder=a)) == 300
+        assert len(await lease(store, "b", 100, holder=b)) == 100
+        sending = {r.id for r in rows[:300]}
+        assert store.claim(a, sending)
+        future = store.enqueue(items(150, "c"))
         dropped: list[dict[str, int]] = []
         store.on_enqueued = lambda d, _: dropped.append(d)
         await future
         after = {r.id for r in await rows_of(store)}
-        assert held <= after
+        assert sending <= after
         gone = [r for r in rows if r.id not in after]
-        assert [r.id for r in gone] == [r.id for r in rows[400:450]]
-        assert dropped == [{"b": 50}]
-        assert (await counters(store, "b"))["dropped"] == 50
+        assert [r.id for r in gone] == [r.id for r in rows[300:450]]
+        assert dropped == [{"b": 150}]
+        assert (await counters(store, "b"))["dropped"] == 150
         assert store.bytes_queued == await stored_bytes(store) == 196 * 600
+        # The dropped prefetched rows lost their lease, so b holds nothing and its claim
+        # of one fails; a's leases are untouched.
+        assert store.leases.ids(b) == set()
+        assert not store.claim(b, [rows[300].id])
+        assert store.leases.ids(a) == sending
     finally:
         await store.close()
 
@@ -160,11 +185,13 @@ async def test_a_group_larger_than_the_quota_keeps_only_its_newest(tmp_path: Pat
     try:
         await store.enqueue(items(60, "a"))
         old = await rows_of(store)
-        store.leased |= {r.id for r in old[:10]}  # held by a worker: never dropped
+        worker_a, worker_b = Holder(), Holder()
+        await lease(store, "a", 10, holder=worker_a)
+        assert store.claim(worker_a, [r.id for r in old[:10]])  # being sent: never dropped
         dropped: list[dict[str, int]] = []
-        store.handoff.add("b")
-        handed: list[Delivery] = []
-        store.on_enqueued = lambda d, h: (dropped.append(d), handed.extend(h))
+        store.leases.start_handoff("b", worker_b)
+        handed = worker_b.handed
+        store.on_enqueued = lambda d, h: dropped.append(d)
         await store.enqueue(items(250, "b", start=1000))
         rows = await rows_of(store)
         assert [r.event_id for r in rows] == [r.event_id for r in old[:10]] + [
@@ -178,13 +205,14 @@ async def test_a_group_larger_than_the_quota_keeps_only_its_newest(tmp_path: Pat
         await store.close()
 
 
-async def test_drop_oldest_reads_past_a_long_leased_head(tmp_path: Path) -> None:
+async def test_drop_oldest_reads_past_a_long_head_being_sent(tmp_path: Path) -> None:
     store = Store(str(tmp_path / "queue.db"), max_size=196 * 1000)
     await store.start()
     try:
         await store.enqueue(items(1000))
         rows = await rows_of(store)
-        store.leased |= {r.id for r in rows[:700]}  # more than one page of the scan
+        await lease(store, "a", 700)
+        assert store.claim(WORKER, [r.id for r in rows[:700]])  # more than a page of the scan
         await store.enqueue(items(3, start=1000))
         after = {r.id for r in await rows_of(store)}
         assert {r.id for r in rows if r.id not in after} == {r.id for r in rows[700:703]}
@@ -265,21 +293,21 @@ async def test_another_process_inserting_meanwhile_never_collides(tmp_path: Path
 
 
 async def test_handed_rows_are_the_stored_rows(store: Store) -> None:
-    handed: list[Delivery] = []
-    store.on_enqueued = lambda _, rows: handed.extend(rows)
-    store.handoff.add("a")
+    worker = Holder()
+    store.leases.start_handoff("a", worker)
     await store.enqueue(items(3, "a") + items(2, "b") + items(70, "a", start=3))
     stored = {r.id: r for r in await rows_of(store)}
-    assert len(handed) == 73
+    handed = worker.handed
+    assert len(handed) == 73 and len(worker.offers) == 1
     assert all(stored[r.id] == r for r in handed)
-    assert {r.id for r in handed} == store.leased
+    assert {r.id for r in handed} == store.leases.ids()
     assert [r.event_id for r in handed] == [f"evt_{n}" for n in range(73)]
 
 
 async def test_a_rerun_enqueue_releases_the_leases_of_its_first_run(store: Store) -> None:
-    handed: list[list[Delivery]] = []
-    store.on_enqueued = lambda _, rows: handed.append(rows)
-    store.handoff.add("a")
+    worker = Holder()
+    handed = worker.offers
+    store.leases.start_handoff("a", worker)
 
     def broken(conn: sqlite3.Connection) -> None:
         raise sqlite3.OperationalError("disk I/O error")
@@ -291,7 +319,49 @@ async def test_a_rerun_enqueue_releases_the_leases_of_its_first_run(store: Store
         await failing
     stored = await rows_of(store)
     assert [r.id for r in handed[-1]] == [r.id for r in stored]
-    assert store.leased == {r.id for r in stored}  # none of the rolled-back ids
+    assert store.leases.ids() == {r.id for r in stored}  # none of the rolled-back ids
+
+
+async def test_rows_of_a_failed_enqueue_are_never_handed_out(store: Store) -> None:
+    worker = Holder()
+    store.leases.start_handoff("a", worker)
+    await store.enqueue(items(2))
+    seen: list[dict[str, int]] = []
+    store.on_enqueued = lambda d, _: seen.append(d)
+    # The enqueue fails however it runs (alone or with others): no row, no lease, no offer.
+    enqueued = store.enqueue(items(3, start=2), also=lambda c: c.execute("SELECT * FROM x"))
+    with pytest.raises(Exception, match="no such table"):
+        await enqueued
+    assert [r.event_id for r in worker.handed] == ["evt_0", "evt_1"]
+    assert store.leases.ids() == {r.id for r in worker.handed}
+    assert seen == []
+
+
+async def test_leases_end_with_the_commit_of_the_outcome(store: Store) -> None:
+    """The store takes leases back: delivered, retry and dead end them with their commit,
+    release at once; a retired holder is granted nothing, and keeps only what it sends."""
+    await store.enqueue(items(8))
+    worker = Holder()
+    rows = await lease(store, "a", 8, holder=worker)
+    ids = [r.id for r in rows]
+    assert store.claim(worker, ids[:6])
+    assert not store.claim(Holder(), ids[6:])  # not someone else's to send
+    await store.delivered("a", ids[:2], 1.0, holder=worker)
+    await store.write(store.op_retry("a", ids[2:4], 503, "HTTP 503", True, 2.0, holder=worker))
+    await store.write(store.op_dead("a", ids[4:5], "HTTP 400", 400, "", 3.0, holder=worker))
+    store.release(worker, ids[6:7])
+    assert store.leases.ids() == {ids[5], ids[7]}
+    # The retried rows are queued again for anyone; the released one too.
+    other = Holder()
+    again = await lease(store, "a", 8, holder=other)
+    assert [r.id for r in again] == [ids[2], ids[3], ids[6]]
+    store.retire(worker)  # ids[5] is being sent: kept until its outcome; ids[7] released
+    assert store.leases.ids(worker) == {ids[5]}
+    assert await lease(store, "a", 8, holder=worker) == []  # retired: granted nothing
+    await store.write(store.op_retry("a", [ids[5]], None, "timed out", False, 4.0,
+                                     holder=worker))
+    assert store.leases.ids(worker) == set()
+    assert [r.id for r in await lease(store, "a", 8, holder=other)] == [ids[5], ids[7]]
 
 
 # -- the due-query --------------------------------------------------------------------------
@@ -325,18 +395,20 @@ async def test_due_query_matches_the_reference_on_shuffled_queues(store: Store) 
         now = rng.uniform(0, 450)
         limit = rng.choice([1, 5, 64, 200])
         exclude = set(rng.sample(ids, rng.choice([0, 3, 50, 300])))
-        store.leased = set(rng.sample(ids, rng.choice([0, 10, 100])))
-        leased = set(store.leased)
+        store.leases = Leases()
+        elsewhere = Holder()
+        store.leases.grant(elsewhere, rng.sample(ids, rng.choice([0, 10, 100])))
+        leased = store.leases.ids()
         webhook = rng.choice("ab")
         expected, exhausted = await store.read(
             lambda c, w=webhook, n=now, lim=limit, ex=exclude, le=leased:
             reference_due(c, w, n, lim, ex, le))
-        store.handoff.clear()
-        got = await store.write(store.op_lease(Store.q_due(webhook, now, limit, exclude),
-                                               handoff_if_short=(webhook, limit)))
+        got = await store.write(store.op_lease(WORKER, Store.q_due(webhook, now, limit,
+                                                                   exclude), handoff=True))
         assert got == expected, trial
-        assert (webhook in store.handoff) == exhausted, trial
-        assert store.leased == leased | {r.id for r in got}
+        assert (store.leases.handoff_holder(webhook) is WORKER) == exhausted, trial
+        assert store.leases.ids() == leased | {r.id for r in got}
+        assert store.leases.ids(WORKER) == {r.id for r in got}
         # Read directly (no lease), the query skips nothing but ``exclude``.
         direct = await store.read(Store.q_due(webhook, now, limit, exclude))
         assert isinstance(direct, DueRows) and direct.exhausted == exhausted
@@ -349,16 +421,16 @@ async def test_handoff_starts_only_when_the_query_saw_the_end(store: Store) -> N
     await store.enqueue(items(10))
     first = await lease(store, "a", 4, handoff=True)
     assert [r.event_id for r in first] == [f"evt_{n}" for n in range(4)]
-    assert "a" not in store.handoff
+    assert not store.hands_off_to(WORKER)
     rest = await lease(store, "a", 64, exclude=[r.id for r in first], handoff=True)
-    assert len(rest) == 6 and "a" in store.handoff
-    store.handoff.clear()
+    assert len(rest) == 6 and store.hands_off_to(WORKER)
+    store.stop_handoff(WORKER)
     # Rows skipped as leased elsewhere (not excluded) do not count as the end of the queue.
     assert await lease(store, "a", 10, handoff=True) == []
-    assert "a" not in store.handoff
-    store.leased.difference_update(r.id for r in rest)
+    assert not store.hands_off_to(WORKER)
+    store.release(WORKER, [r.id for r in rest])
     assert await lease(store, "a", 11, handoff=True) == rest  # saw the end: 10 < 11
-    assert "a" in store.handoff
+    assert store.hands_off_to(WORKER)
 
 
 async def test_rows_are_read_back_bit_for_bit(store: Store) -> None:
@@ -419,10 +491,12 @@ async def test_assign_batch_pins_every_id(store: Store) -> None:
     await store.enqueue(items(700))
     ids = [r.id for r in await rows_of(store)]
     await store.write(store.op_assign_batches([(ids[:600], "bat_x")]))
-    rows = await store.write(store.op_lease(Store.q_batch("a", "bat_x"), skip_leased=False))
+    await lease(store, "a", 10)  # the worker holds some members already
+    rows = await store.write(store.op_lease(WORKER, Store.q_batch("a", "bat_x"),
+                                            mine_too=True))
     assert [r.id for r in rows] == ids[:600]
     assert all(r.batch_id == "bat_x" for r in rows)
-    assert store.leased == set(ids[:600])
+    assert store.leases.ids() == set(ids[:600])
 
 
 async def test_counters_come_back_after_the_webhook_row_was_removed(store: Store) -> None:
