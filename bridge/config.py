@@ -470,7 +470,7 @@ def _parse_store(sec: Section) -> StoreConfig:
         overflow=sec.choice("overflow", OVERFLOWS),
         durability=sec.choice("durability", DURABILITIES),
         on_damage=sec.choice("on_damage", ON_DAMAGE),
-        commit_window=sec.parsed("commit_window", parse_duration, minimum=0, maximum=10),
+        commit_window=sec.parsed("commit_window", parse_duration, minimum=0),
         dead_letters=_dead_letters(sec.section("dead_letters")),
     )
     sec.finish()
