@@ -279,7 +279,9 @@ async def test_a_change_that_cannot_be_applied_changes_nothing(
             times = sorted(r.at for r in endpoint.requests)
             gaps = [b - a for a, b in itertools.pairwise(times)]
             worst = max(range(len(gaps)), key=gaps.__getitem__)
-            assert gaps[worst] < 1.0, (f"a {gaps[worst]:.2f}s gap in the deliveries at "
+            # At 100 messages a second a stalled worker shows as a gap without end; the
+            # bound leaves room for a loaded test machine (2 cores shared by many).
+            assert gaps[worst] < 3.0, (f"a {gaps[worst]:.2f}s gap in the deliveries at "
                                        f"{times[worst]} (changes made at {marks})")
         # What comes after the good changes goes where they say.
         after = range(published, published + 5)
