@@ -110,6 +110,8 @@ async def one_run(tmp: Path, endpoint: Outage, rng: random.Random) -> tuple[int,
             return not worker._tasks and store.bytes_queued == 0
 
         await wait_for(drained, 20, "the queue to drain")
+        # Every lease came back to the store: none held for a row that is gone.
+        await wait_for(lambda: not store.leases.ids(), 5, "the last leases to end")
     finally:
         await worker.stop(5)
         if worker.task is not None:

@@ -75,6 +75,7 @@ class Harness:
         self.request_time = request_time
         self.now = 0.0
         self.failures = 0
+        self.peak = 0  # the most consecutive counted failures seen
         self.sent: list[tuple[float, int]] = []  # (time, row id) as the endpoint saw them
         self.delivered: list[int] = []
         self.state = "ENABLED"
@@ -106,13 +107,11 @@ class Harness:
                 if outcome.kind == DEAD:
                     self.queue.remove(row)
                 self.failures += decision.counts
+                self.peak = max(self.peak, self.failures)
                 if decision.disable:
                     self.state = decision.disable
                 elif self.policy.over_limit(self.failures):
                     self.state = "DISABLED_DUE_TO_ERRORS"
-
-    def probes_after(self, moment: float) -> list[float]:
-        return [at for at, _ in self.sent if at > moment]
 
 
 def test_one_probe_per_step_and_success_resumes_full_concurrency() -> None:
@@ -122,14 +121,15 @@ def test_one_probe_per_step_and_success_resumes_full_concurrency() -> None:
     assert len(first_burst) == 4  # full concurrency until the first failure
     # Then one request per step: each probe alone, its oldest due delivery (row 0).
     probes = [(at, row) for at, row in h.sent if at > 0.0]
-    assert [row for _, row in probes[:2]] == [0, 0]
-    assert probes[0][0] < probes[1][0] != probes[2][0]
+    assert [row for _, row in probes[:3]] == [0, 0, 0]
+    assert probes[0][0] < probes[1][0] < probes[2][0]
     # The third probe succeeds: the next start sends `concurrency` requests at once.
     after = [at for at, _ in h.sent if at > probes[2][0]]
     assert after[:4] == [after[0]] * 4
     assert sorted(h.delivered) == list(range(20))
-    # The first burst counted once (it began together), then one per probe: 3 in all.
-    assert h.policy.step == 0 and h.failures == 0
+    # The first burst counted once (it began together), then one per probe: 3 in all,
+    # and the success reset the count and the steps.
+    assert h.peak == 3 and h.policy.step == 0 and h.failures == 0
 
 
 def test_burst_in_flight_counts_once_and_does_not_lengthen_the_pause() -> None:
