@@ -19,7 +19,7 @@ from typing import Any
 
 import structlog
 
-from . import __version__, logs, store_check
+from . import __version__, logs, store_check, wear
 from .config import (
     EX_CONFIG,
     Config,
@@ -162,16 +162,21 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         rows = status_rows(config, conn)
         damage = store_check.recorded(conn)
+        writes = wear.recorded(conn)
         failed = read_failed_change(conn)
     finally:
         conn.close()
     if args.json:
-        print(json.dumps({"webhooks": rows, "store": {"damage": damage},
+        print(json.dumps({"webhooks": rows, "store": {"damage": damage, "writes": writes},
                           "failed_change": failed}, indent=2))
         return EX_OK
     if failed is not None:
         print(f"CHANGE NOT APPLIED at {_iso(failed['at'] / 1000)} ({failed['change']}): "
               f"{'; '.join(failed['problems'])}; still running the previous configuration")
+    if writes is not None:
+        print(f"disk writes: {writes['bytes_per_s'] / 1024:.1f} KB/s, about "
+              f"{writes['gb_per_day']:.2f} GB/day at this rate (see README: SD cards and "
+              "flash wear)")
     if damage is not None:
         print(f"STORE DAMAGED at {_iso(float(damage['at']))}: {damage['damage']}; moved aside "
               f"to {damage['moved_to']} (deliveries queued there were not sent; delete it "
@@ -287,6 +292,11 @@ def cmd_dead(args: argparse.Namespace) -> int:
         ids = [int(i) for i in args.ids] if args.ids else None
         if args.action in ("list", "show"):
             rows = dead_list(conn, args.webhook, since, ids, with_event=args.action == "show")
+            missing = sorted(set(ids or ()) - {r["id"] for r in rows})
+            if args.action == "show" and missing:
+                raise Fatal(f"no dead letter with id {', '.join(map(str, missing))}"
+                            + (f" for webhook {args.webhook!r}" if args.webhook else "")
+                            + "; webhook-bridge dead list shows them")
             _print_dead(rows, args.action, args.json)
         elif args.action == "replay":
             count = dead_replay(conn, args.webhook, since, ids)
@@ -304,6 +314,8 @@ def cmd_dead(args: argparse.Namespace) -> int:
 
 def _print_dead(rows: list[dict[str, Any]], action: str, as_json: bool) -> None:
     for row in rows:
+        # The id the endpoint saw in webhook-id: the batch's when it went in a batch.
+        row["webhook_id"] = row["batch_id"] or row["event_id"]
         row["created"], row["died"] = _iso(row["created"]), _iso(row["died"])
         row["reason"], row["response"] = _redacted(row["reason"]), _redacted(row["response"])
         if "event" in row:
@@ -311,12 +323,12 @@ def _print_dead(rows: list[dict[str, Any]], action: str, as_json: bool) -> None:
     if as_json or action == "show":
         print(json.dumps(rows, indent=2, ensure_ascii=False))
         return
-    print(f"{'ID':>6} {'WEBHOOK':20} {'DIED':24} {'ATTEMPTS':>8} {'STATUS':>6}  "
-          "REASON / RESPONSE")
+    print(f"{'ID':>6} {'WEBHOOK':16} {'WEBHOOK-ID (EVENT)':30} {'DIED':24} {'TRIES':>5} "
+          f"{'STATUS':>6}  REASON / RESPONSE")
     for r in rows:
         response = (r["response"] or "").replace("\n", " ")[:40]
-        print(f"{r['id']:>6} {r['webhook'][:20]:20} {r['died']:24} {r['attempts']:>8} "
-              f"{r['last_status'] or '-':>6}  {r['reason']}"
+        print(f"{r['id']:>6} {r['webhook'][:16]:16} {r['webhook_id']:30} {r['died']:24} "
+              f"{r['attempts']:>5} {r['last_status'] or '-':>6}  {r['reason']}"
               + (f" / {response}" if response else ""))
     print(f"{len(rows)} dead letter{'s' if len(rows) != 1 else ''}")
 

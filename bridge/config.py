@@ -168,12 +168,22 @@ class MQTTConfig:
 
 
 @dataclass(frozen=True)
+class DeadLettersConfig:
+    """The dead letters' own bound (not part of the queue quota): the oldest go first."""
+
+    max_age: float = 30 * 86400.0  # seconds since a letter died
+    max_size: int = 32 * 1024 * 1024  # bytes (event plus response excerpt)
+
+
+@dataclass(frozen=True)
 class StoreConfig:
     path: str = os.path.join(DEFAULT_STATE_DIR, "queue.db")
     max_size: int = 256 * 1024 * 1024  # bytes
     overflow: str = "drop_oldest"  # drop_oldest | backpressure
     durability: str = "power_loss"  # power_loss | process_crash
     on_damage: str = "fail"  # fail | move_aside (see store_check)
+    commit_window: float = 0.1  # seconds an enqueue may wait for company (flash wear)
+    dead_letters: DeadLettersConfig = field(default_factory=DeadLettersConfig)
 
 
 @dataclass(frozen=True)
@@ -460,7 +470,19 @@ def _parse_store(sec: Section) -> StoreConfig:
         overflow=sec.choice("overflow", OVERFLOWS),
         durability=sec.choice("durability", DURABILITIES),
         on_damage=sec.choice("on_damage", ON_DAMAGE),
+        commit_window=sec.parsed("commit_window", parse_duration, minimum=0),
+        dead_letters=_dead_letters(sec.section("dead_letters")),
     )
+    sec.finish()
+    return config
+
+
+def _dead_letters(sec: Section | None) -> Any:
+    if sec is None:
+        return MISSING
+    config = _build(DeadLettersConfig,
+                    max_age=sec.parsed("max_age", _positive_duration),
+                    max_size=sec.parsed("max_size", parse_size, minimum=1))
     sec.finish()
     return config
 

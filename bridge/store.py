@@ -43,6 +43,9 @@ ROW_OVERHEAD = 96  # bytes a delivery row costs beyond its event JSON (ids, time
 ID_BLOCK = 1024
 # How long a delivered mark may wait for another operation to share its commit.
 DELIVERED_COMMIT_DELAY = 0.05
+PAGE_SIZE = 1024
+# Enqueues of this many deliveries commit at once, without waiting for the window.
+EARLY_COMMIT_ITEMS = 256
 # A commit that failed for lack of space is retried after these many seconds, doubling.
 FULL_RETRY_INITIAL, FULL_RETRY_MAX = 0.1, 5.0
 _FULL_CODES = {13, 10}  # SQLITE_FULL, SQLITE_IOERR (a failed write or fsync: ENOSPC)
@@ -76,7 +79,9 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     attempts INTEGER NOT NULL,
     last_status INTEGER,
     reason TEXT NOT NULL,
-    response TEXT
+    response TEXT,
+    batch_id TEXT,  -- the webhook-id the endpoint saw, when the letter was in a batch
+    size INTEGER  -- bytes it takes, for store.dead_letters.max_size
 );
 CREATE INDEX IF NOT EXISTS dead_letters_webhook ON dead_letters (webhook, id);
 CREATE TABLE IF NOT EXISTS webhooks (
@@ -225,6 +230,10 @@ def connect(path: str, durability: str = "power_loss") -> sqlite3.Connection:
         # Room for every statement the writer uses (one INSERT per group length among them).
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
                                timeout=30.0, cached_statements=256)
+        # Page size of a new store (an existing one keeps its own): every commit writes
+        # whole pages to the WAL, so smaller pages write less for the few rows a commit
+        # at a low rate touches (flash wear, see README "SD cards and flash wear").
+        conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
         conn.execute("PRAGMA journal_mode=WAL")
         # FULL fsyncs the WAL at every commit (survives power loss); NORMAL survives a
         # process crash and leaves the fsync to checkpoints.
@@ -243,19 +252,24 @@ def connect(path: str, durability: str = "power_loss") -> sqlite3.Connection:
 def _add_columns(conn: sqlite3.Connection) -> None:
     """Columns added since a database may have been made (CREATE TABLE IF NOT EXISTS
     leaves an older table as it is)."""
-    have = {row[1] for row in conn.execute("PRAGMA table_info(webhooks)")}
-    if "state_version" not in have:
-        with contextlib.suppress(sqlite3.OperationalError):  # another process was first
-            conn.execute("ALTER TABLE webhooks ADD COLUMN state_version INTEGER NOT NULL"
-                         " DEFAULT 0")
+    for table, column, kind in (("webhooks", "state_version", "INTEGER NOT NULL DEFAULT 0"),
+                                ("dead_letters", "batch_id", "TEXT"),
+                                ("dead_letters", "size", "INTEGER")):
+        have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if column not in have:
+            with contextlib.suppress(sqlite3.OperationalError):  # another process was first
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
 
 class Store:
     """The queue: group-committed writes and non-blocking reads, from asyncio."""
 
     def __init__(self, path: str, durability: str = "power_loss", max_size: int = 0,
-                 overflow: str = "drop_oldest") -> None:
+                 overflow: str = "drop_oldest", commit_window: float = 0.0) -> None:
         self.path = path
+        # An enqueue waits up to this long for company before its commit (fewer commits,
+        # fewer pages written per message at low rates; acks wait that much longer).
+        self.commit_window = commit_window
         self.durability = durability
         self.max_size = max_size  # 0 = no quota
         self.overflow = overflow
@@ -349,7 +363,7 @@ class Store:
         batch = self._enqueue_batch
         if batch is None:
             batch = self._enqueue_batch = _EnqueueBatch()
-            future = self.submit(self.op_enqueue_batch(batch))
+            future = self.submit(self.op_enqueue_batch(batch), within=self.commit_window)
             batch.future = future
             # Acks sent since the last commit are forgotten in this one (no commit of
             # their own: a forgotten entry costs nothing until its packet id returns).
@@ -358,6 +372,8 @@ class Store:
         if ack is not None:
             batch.acks[ack[0]] = (ack[1], ack[2])
         batch.items.extend(items)
+        if self.commit_window and len(batch.items) >= EARLY_COMMIT_ITEMS and self._wake:
+            self._wake.set()  # a high rate fills a commit without waiting
         if also is not None:
             batch.also.append(also)
         return batch.future
@@ -372,8 +388,9 @@ class Store:
             # A delivered mark is not what keeps a reading safe (the queued row is), so
             # at low rates it rides with the next enqueue's commit instead of paying an
             # fsync of its own; a crash meanwhile at worst resends with the same id.
-            self._delivered_future = self.submit(self.op_delivered_batch(batch),
-                                                 within=DELIVERED_COMMIT_DELAY)
+            self._delivered_future = self.submit(
+                self.op_delivered_batch(batch),
+                within=max(DELIVERED_COMMIT_DELAY, self.commit_window))
         ids_, attempts, _, holders = batch.get(webhook, ([], 0, 0.0, []))
         ids_.extend(ids)
         if holder is not None:
@@ -636,9 +653,7 @@ class Store:
         def enqueue(conn: sqlite3.Connection) -> None:
             # This may run twice (a failed group is retried op by op): the first run's
             # rows were rolled back, so their leases end.
-            for holder, row in batch.handed:
-                self.leases.release(holder, (row.id,))
-            batch.handed = []
+            _release_handed(self.leases, batch)
             if batch.forget_all:
                 conn.execute("DELETE FROM unacked")
             elif batch.forget:
@@ -655,26 +670,27 @@ class Store:
                 return
             now = batch.now
             holders: dict[str, Holder | None] = {}
+            wanted: dict[int, tuple[Holder, list[int]]] = {}  # one grant per holder
             for offset, item in enumerate(stored):
                 holder = holders.get(item.webhook, False)
                 if holder is False:
                     holder = holders[item.webhook] = self.leases.handoff_holder(item.webhook)
-                if holder is None:
-                    continue
-                row_id = first + offset
-                if not self.leases.grant(holder, (row_id,)):
-                    continue
-                self._sizes[row_id] = len(item.event) + ROW_OVERHEAD  # as _insert stored
-                batch.handed.append((holder, Delivery(row_id, item.webhook, item.event_id,
-                                                      item.device_id, item.event, now, now,
-                                                      0, None)))
+                if holder is not None:
+                    wanted.setdefault(id(holder), (holder, []))[1].append(offset)
+            for holder, offsets in wanted.values():
+                if not self.leases.grant(holder, [first + o for o in offsets]):
+                    continue  # retired meanwhile: the rows wait in the queue
+                for offset in offsets:
+                    item, row_id = stored[offset], first + offset
+                    self._sizes[row_id] = len(item.event) + ROW_OVERHEAD  # as _insert stored
+                    batch.handed.append((holder, Delivery(
+                        row_id, item.webhook, item.event_id, item.device_id, item.event, now,
+                        now, 0, None)))
 
         def settle(committed: bool, again: bool) -> None:
             # Rows are handed out only once their commit succeeded (a rerun hands anew).
             if not committed:
-                for holder, row in batch.handed:
-                    self.leases.release(holder, (row.id,))
-                batch.handed = []
+                _release_handed(self.leases, batch)
 
         enqueue.batch = batch  # type: ignore[attr-defined]
         enqueue.settle = settle  # type: ignore[attr-defined]
@@ -757,8 +773,10 @@ class Store:
             failures = 0
             if attempted:
                 failures = self._note_failure(conn, webhook, reason, counts_as_failure, now)
-            conn.execute("UPDATE webhooks SET dead = dead + ? WHERE name = ?",
-                         (len(ids), webhook))
+            # `status` shows why deliveries died, also those that died unsent (too old).
+            _update_webhook(conn, webhook, "UPDATE webhooks SET dead = dead + ?,"
+                            " last_error = ? WHERE name = ?",
+                            (len(ids), f"dead letter: {reason}", webhook))
             return failures
 
         return self._releasing(dead, holder, ids)
@@ -963,6 +981,15 @@ class DueQuery:
         return result
 
 
+def _release_handed(leases: Leases, batch: _EnqueueBatch) -> None:
+    by_holder: dict[int, tuple[Holder, list[int]]] = {}
+    for holder, row in batch.handed:
+        by_holder.setdefault(id(holder), (holder, []))[1].append(row.id)
+    for holder, ids in by_holder.values():
+        leases.release(holder, ids)
+    batch.handed = []
+
+
 def _settle(op: Operation, committed: bool, again: bool) -> None:
     """Run what ``op`` does once its transaction committed or failed (``again``: it will
     be tried again, when there is space): the leases it hands out or takes back."""
@@ -1059,15 +1086,51 @@ def webhook_rows(conn: sqlite3.Connection) -> dict[str, dict[str, Any]]:
     return rows
 
 
+def oldest_queued(conn: sqlite3.Connection) -> dict[str, float]:
+    """Per webhook, when its oldest queued delivery was created (for the age gauge)."""
+    return dict(conn.execute("SELECT webhook, MIN(created) FROM deliveries GROUP BY webhook"))
+
+
 def move_to_dead_letters(conn: sqlite3.Connection, ids: list[int], reason: str,
                          status: int | None, response: str | None, now: float,
                          extra_attempts: int) -> None:
     conn.executemany(
         "INSERT INTO dead_letters (webhook, event_id, device_id, event, created, died,"
-        " attempts, last_status, reason, response)"
+        " attempts, last_status, reason, response, batch_id, size)"
         " SELECT webhook, event_id, device_id, event, created, ?, attempts + ?,"
-        " COALESCE(?, last_status), ?, COALESCE(?, last_error) FROM deliveries WHERE id = ?",
-        [(now, extra_attempts, status, reason, response, i) for i in ids])
+        " COALESCE(?, last_status), ?, COALESCE(?, last_error), batch_id,"
+        f" LENGTH(event) + LENGTH(COALESCE(?, last_error, '')) + {ROW_OVERHEAD}"
+        " FROM deliveries WHERE id = ?",
+        [(now, extra_attempts, status, reason, response, response, i) for i in ids])
+
+
+def prune_dead_letters(conn: sqlite3.Connection, max_age: float, max_size: int,
+                       now: float) -> dict[str, int]:
+    """Bound the dead letters (store.dead_letters): delete those older than ``max_age``,
+    then the oldest until they take at most ``max_size`` bytes. Returns the count
+    deleted per webhook. Runs inside the caller's transaction."""
+    pruned: dict[str, int] = {}
+    for webhook, count in conn.execute("SELECT webhook, COUNT(*) FROM dead_letters"
+                                       " WHERE died < ? GROUP BY webhook", (now - max_age,)):
+        pruned[webhook] = count
+    if pruned:
+        conn.execute("DELETE FROM dead_letters WHERE died < ?", (now - max_age,))
+    total = conn.execute(f"SELECT COALESCE(SUM({_DEAD_SIZE}), 0) FROM dead_letters"
+                         ).fetchone()[0]
+    if total > max_size:
+        excess, last = total - max_size, None
+        for letter, webhook, size in conn.execute(
+                f"SELECT id, webhook, {_DEAD_SIZE} FROM dead_letters ORDER BY id"):
+            pruned[webhook] = pruned.get(webhook, 0) + 1
+            excess, last = excess - size, letter
+            if excess <= 0:
+                break
+        conn.execute("DELETE FROM dead_letters WHERE id <= ?", (last,))
+    return pruned
+
+
+# Rows written before the size column existed are sized from their event.
+_DEAD_SIZE = f"COALESCE(size, LENGTH(event) + {ROW_OVERHEAD})"
 
 
 def write_failed_change(conn: sqlite3.Connection, change: dict[str, Any] | None) -> None:
@@ -1093,8 +1156,8 @@ def bump_generation(conn: sqlite3.Connection) -> None:
 
 # -- dead letters, for the CLI and the admin API (any process, any time) ------------------
 
-_DEAD_COLUMNS = ("id, webhook, event_id, device_id, created, died, attempts, last_status,"
-                 " reason, response")
+_DEAD_COLUMNS = ("id, webhook, event_id, batch_id, device_id, created, died, attempts,"
+                 " last_status, reason, response")
 
 
 def _dead_filter(webhook: str | None, since: float | None, ids: list[int] | None

@@ -332,3 +332,21 @@ async def test_api_refuses_what_check_refuses_with_the_same_message(
             assert status in (200, 422), answer
             assert any(e.endswith(expected) for e in answer["errors"]), (answer, expected)
         assert not (config.parent / "conf.d").exists()
+
+
+@pytest.mark.parametrize("key, value", [("keepalive", 65536), ("session_expiry", 2**32),
+                                        ("concurrency", 2**31)])
+def test_the_schema_knows_the_bounds(tmp_path: Path, key: str, value: int) -> None:
+    """config/schema.json refuses what `check` refuses past a bound (and accepts the bound)."""
+    import jsonschema
+
+    validator = jsonschema.Draft7Validator(json.loads((ROOT / "config" / "schema.json")
+                                                      .read_text()))
+    config = yaml.safe_load(EXAMPLE)
+    section = config["mqtt"] if key != "concurrency" else config["webhooks"][0]
+    for number, ok in ((value - 1, True), (value, False)):
+        section[key] = number
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(config))
+        code, output, _ = check(path)
+        assert (code == 0, not list(validator.iter_errors(config))) == (ok, ok), output

@@ -336,6 +336,14 @@ async def test_dead_letter_commands(tmp_path: Path, mosquitto: Mosquitto,
         listed = json.loads(daemon.cli("dead", "list", "--json", "--webhook", "cloud").stdout)
         assert [(d["last_status"], d["attempts"], d["reason"], d["response"])
                 for d in listed] == [(422, 1, "HTTP 422", "unprocessable reading")] * 3
+        # Each letter names the webhook-id the endpoint saw; status says why they died.
+        assert sorted(d["webhook_id"] for d in listed) == sorted(
+            r.headers["webhook-id"] for r in endpoint.requests)
+        assert status(daemon, "cloud")["last_error"] == "dead letter: HTTP 422"
+        unknown = daemon.cli("dead", "show", "424242")
+        assert (unknown.returncode, unknown.stderr) == (
+            1, "webhook-bridge: no dead letter with id 424242; webhook-bridge dead list "
+               "shows them\n")
         shown = json.loads(daemon.cli("dead", "show", str(listed[0]["id"])).stdout)
         assert [d["id"] for d in shown] == [listed[0]["id"]]
         assert shown[0]["event"]["id"] == listed[0]["event_id"]

@@ -288,3 +288,56 @@ async def test_a_refused_subscription_and_a_broker_disconnect_say_why() -> None:
         await broker.stop()
 
 
+
+
+class DroppingBroker(ScriptedBroker):
+    """Accepts every connection and subscription, then closes it at once."""
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
+        stream = packets.Reader()
+        while data := await reader.read(4096):
+            for first, body in stream.feed(data):
+                if first >> 4 == packets.CONNECT:
+                    writer.write(b"\x20\x03\x00\x00\x00")
+                elif first >> 4 == packets.SUBSCRIBE:
+                    writer.write(packets.packet(packets.SUBACK << 4, body[:2] + b"\x00\x01"))
+                    await writer.drain()
+                    writer.close()
+                    return
+
+
+@pytest.mark.parametrize(("stable_after", "expected"), [
+    (30.0, [1.0, 2.0, 4.0, 8.0, 16.0]),  # dropped at once: the backoff keeps growing
+    (0.0, [1.0, 1.0, 1.0, 1.0, 1.0]),  # a connection that held resets it
+])
+async def test_a_connection_dropped_at_once_does_not_reset_the_backoff(
+        monkeypatch: pytest.MonkeyPatch, stable_after: float, expected: list[float]) -> None:
+    from bridge.config import MQTTConfig
+    from bridge.sources import mqtt
+
+    broker = await DroppingBroker([]).start()
+    delays: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def sleep(delay: float, *args: object) -> None:
+        if delay >= 0.5:  # the reconnect wait (jitter fixed at 1.0 below)
+            delays.append(delay)
+            delay = 0
+        await real_sleep(delay)
+
+    monkeypatch.setattr(mqtt.random, "uniform", lambda a, b: b)
+    monkeypatch.setattr(mqtt.asyncio, "sleep", sleep)
+    monkeypatch.setattr(mqtt, "STABLE_AFTER", stable_after)
+    monkeypatch.setattr(mqtt, "FIRST_RETRY", 1.0)
+    source = mqtt.MqttSource(MQTTConfig(port=broker.port, client_id="c"), [("t/#", 1)],
+                             lambda message: asyncio.get_running_loop().create_future())
+    task = source.start()
+    try:
+        await wait_for(lambda: len(delays) >= 5, 20, "five reconnects")
+        assert delays[:5] == expected
+        assert source.connects >= 5
+    finally:
+        await source.stop()
+        task.cancel()
+        await broker.stop()
