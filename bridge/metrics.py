@@ -91,6 +91,10 @@ class Metrics:
             "webhook_bridge_store_damaged",
             "1 when a damaged queue database was moved aside at start (store.on_damage)",
             registry=r)
+        self.bytes_written = Counter(
+            "webhook_bridge_store_bytes_written",
+            "Bytes the bridge process wrote to disk (/proc/self/io write_bytes: the queue's "
+            "WAL and checkpoints, nearly all of it)", registry=r)
         self.redelivered = Counter(
             "webhook_bridge_messages_redelivered",
             "Broker redeliveries (DUP) of messages already committed: acknowledged, not "

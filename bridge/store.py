@@ -43,6 +43,9 @@ ROW_OVERHEAD = 96  # bytes a delivery row costs beyond its event JSON (ids, time
 ID_BLOCK = 1024
 # How long a delivered mark may wait for another operation to share its commit.
 DELIVERED_COMMIT_DELAY = 0.05
+PAGE_SIZE = 1024
+# Enqueues of this many deliveries commit at once, without waiting for the window.
+EARLY_COMMIT_ITEMS = 256
 # A commit that failed for lack of space is retried after these many seconds, doubling.
 FULL_RETRY_INITIAL, FULL_RETRY_MAX = 0.1, 5.0
 _FULL_CODES = {13, 10}  # SQLITE_FULL, SQLITE_IOERR (a failed write or fsync: ENOSPC)
@@ -227,6 +230,10 @@ def connect(path: str, durability: str = "power_loss") -> sqlite3.Connection:
         # Room for every statement the writer uses (one INSERT per group length among them).
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
                                timeout=30.0, cached_statements=256)
+        # Page size of a new store (an existing one keeps its own): every commit writes
+        # whole pages to the WAL, so smaller pages write less for the few rows a commit
+        # at a low rate touches (flash wear, see README "SD cards and flash wear").
+        conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
         conn.execute("PRAGMA journal_mode=WAL")
         # FULL fsyncs the WAL at every commit (survives power loss); NORMAL survives a
         # process crash and leaves the fsync to checkpoints.
@@ -258,8 +265,11 @@ class Store:
     """The queue: group-committed writes and non-blocking reads, from asyncio."""
 
     def __init__(self, path: str, durability: str = "power_loss", max_size: int = 0,
-                 overflow: str = "drop_oldest") -> None:
+                 overflow: str = "drop_oldest", commit_window: float = 0.0) -> None:
         self.path = path
+        # An enqueue waits up to this long for company before its commit (fewer commits,
+        # fewer pages written per message at low rates; acks wait that much longer).
+        self.commit_window = commit_window
         self.durability = durability
         self.max_size = max_size  # 0 = no quota
         self.overflow = overflow
@@ -353,7 +363,7 @@ class Store:
         batch = self._enqueue_batch
         if batch is None:
             batch = self._enqueue_batch = _EnqueueBatch()
-            future = self.submit(self.op_enqueue_batch(batch))
+            future = self.submit(self.op_enqueue_batch(batch), within=self.commit_window)
             batch.future = future
             # Acks sent since the last commit are forgotten in this one (no commit of
             # their own: a forgotten entry costs nothing until its packet id returns).
@@ -362,6 +372,8 @@ class Store:
         if ack is not None:
             batch.acks[ack[0]] = (ack[1], ack[2])
         batch.items.extend(items)
+        if self.commit_window and len(batch.items) >= EARLY_COMMIT_ITEMS and self._wake:
+            self._wake.set()  # a high rate fills a commit without waiting
         if also is not None:
             batch.also.append(also)
         return batch.future
@@ -376,8 +388,9 @@ class Store:
             # A delivered mark is not what keeps a reading safe (the queued row is), so
             # at low rates it rides with the next enqueue's commit instead of paying an
             # fsync of its own; a crash meanwhile at worst resends with the same id.
-            self._delivered_future = self.submit(self.op_delivered_batch(batch),
-                                                 within=DELIVERED_COMMIT_DELAY)
+            self._delivered_future = self.submit(
+                self.op_delivered_batch(batch),
+                within=max(DELIVERED_COMMIT_DELAY, self.commit_window))
         ids_, attempts, _, holders = batch.get(webhook, ([], 0, 0.0, []))
         ids_.extend(ids)
         if holder is not None:
