@@ -45,12 +45,15 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 SINK_SCRIPT = Path(__file__).resolve().parent / "sink.py"
-SCENARIOS = ("steady", "paced", "backlog", "batch", "idle")
+SCENARIOS = ("steady", "paced", "backlog", "batch", "idle", "lowrate")
 DEVICES = 10
 PAYLOAD_BYTES = 200
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-DEADLINES = {"steady": 300.0, "paced": 240.0, "backlog": 600.0, "batch": 300.0,
+DEADLINES = {"steady": 300.0, "paced": 240.0, "lowrate": 400.0, "backlog": 600.0,
+             "batch": 300.0,
              "idle": 90.0, "instrument": 120.0}
+# store.* keys added to the bridge's config (--durability, --commit-window)
+STORE_EXTRA: dict[str, Any] = {}
 BACKLOG_INGEST_SHARE = 0.7  # of the backlog deadline, at most, for queueing the backlog
 
 
@@ -64,10 +67,13 @@ class Sizes:
     backlog: int = 200_000
     batch: int = 20_000
     idle_s: float = 10.0
+    lowrate_rates: tuple[float, ...] = (30.0, 500.0)
+    lowrate_s: float = 40.0
 
     @classmethod
     def quick(cls) -> Sizes:
-        return cls(steady=2_000, paced_s=5.0, backlog=20_000, batch=2_000, idle_s=5.0)
+        return cls(steady=2_000, paced_s=5.0, backlog=20_000, batch=2_000, idle_s=5.0,
+                   lowrate_s=10.0)
 
 
 class Deadline:
@@ -330,7 +336,8 @@ def bridge_config(workdir: Path, broker_port: int, sink_url: str, batch: bool
         webhook["batch"] = {"max_events": 100, "max_wait": "200ms"}
     return {
         "mqtt": {"host": "127.0.0.1", "port": broker_port, "client_id": "bench-bridge"},
-        "store": {"path": str(workdir / "state" / "queue.db"), "max_size": "2GB"},
+        "store": {"path": str(workdir / "state" / "queue.db"), "max_size": "2GB",
+                  **STORE_EXTRA},
         "admin": {"listen": None},
         "log": {"format": "json", "level": "warning"},
         "sources": [{"name": "bench", "topic": "bench/{device_id}/data", "qos": 1,
@@ -826,6 +833,33 @@ def paced_scenario(sizes: Sizes, kind: str, deadline: Deadline) -> dict[str, Any
         return result
 
 
+def lowrate_scenario(sizes: Sizes, kind: str, deadline: Deadline) -> dict[str, Any]:
+    """lowrate: what each delivered message costs in disk writes and CPU when messages
+    trickle in (30 sensors at 1 Hz) and at a moderate rate, one fresh bridge per rate.
+    Flash wear is the point: ``sqlite_bytes_written_per_msg`` counts every block write of
+    the bridge process (/proc/PID/io write_bytes: WAL frames, checkpoints, logs)."""
+    runs = []
+    for rate in sizes.lowrate_rates:
+        with Rig("lowrate", kind) as rig:
+            rig.wait_ready(min(60.0, deadline.left()))
+            assert rig.publisher is not None and rig.bridge is not None
+            before = rig.snapshot()
+            published = paced(rig.publisher, rate, sizes.lowrate_s, deadline)
+            log(f"lowrate: published {published} at {rate:g}/s; waiting for deliveries")
+            completed = wait_delivered(rig, published, deadline)
+            after = rig.snapshot()
+            result = load_result("lowrate", rig, published, before, after, completed)
+            result["rate_msg_per_s"] = rate
+            result["bridge_cpu_ms_per_msg"] = round(
+                (after.cpu_s - before.cpu_s) / max(published, 1) * 1000, 3)
+            runs.append(result)
+    keys = ("rate_msg_per_s", "messages", "delivered", "sqlite_bytes_written_per_msg",
+            "bridge_cpu_ms_per_msg", "latency_ms", "timeout")
+    return {"scenario": "lowrate", "runs": [{k: r.get(k) for k in keys if k in r}
+                                            for r in runs],
+            "detail": runs}
+
+
 def wait_ingested(rig: Rig, store: BrokerStore, baseline: int, deadline: Deadline) -> bool:
     """Wait until the broker holds no more than ``baseline`` messages (the bridge has
     committed and acknowledged the whole backlog)."""
@@ -1012,6 +1046,7 @@ def run_one(name: str, sizes: Sizes, kind: str) -> dict[str, Any]:
         "steady": lambda: burst_scenario("steady", sizes.steady, kind, deadline),
         "batch": lambda: burst_scenario("batch", sizes.batch, kind, deadline),
         "paced": lambda: paced_scenario(sizes, kind, deadline),
+        "lowrate": lambda: lowrate_scenario(sizes, kind, deadline),
         "backlog": lambda: backlog_scenario(sizes.backlog, kind, deadline),
         "idle": lambda: idle_scenario(sizes.idle_s, kind, deadline),
         "instrument": lambda: instrument_scenario(sizes.steady, deadline),
@@ -1037,6 +1072,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="load generator: raw MQTT packets (default) or paho-mqtt")
     parser.add_argument("--quick", action="store_true",
                         help="a tenth of the messages, paced for 5 s: a smoke run")
+    parser.add_argument("--durability", choices=["power_loss", "process_crash"],
+                        help="store.durability of the bridge (default: its default)")
+    parser.add_argument("--commit-window", metavar="DURATION",
+                        help="store.commit_window of the bridge (default: its default)")
     return parser.parse_args(argv)
 
 
@@ -1047,6 +1086,10 @@ def scenario_names(choice: str) -> Iterator[str]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sizes = Sizes.quick() if args.quick else Sizes()
+    if args.durability:
+        STORE_EXTRA["durability"] = args.durability
+    if args.commit_window:
+        STORE_EXTRA["commit_window"] = args.commit_window
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _interrupt)
     print(json.dumps({"machine": machine_info(), "git": git_state(), "quick": args.quick,

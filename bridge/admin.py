@@ -37,7 +37,7 @@ from .control import BridgeControl
 from .errors import ChangeError
 from .events import Event, new_id
 from .proxy import redact_proxy_url
-from .store import DISABLED, DISABLED_DUE_TO_ERRORS, ENABLED, webhook_rows
+from .store import DISABLED, DISABLED_DUE_TO_ERRORS, ENABLED, oldest_queued, webhook_rows
 
 log = structlog.get_logger("bridge.admin")
 
@@ -184,14 +184,18 @@ class AdminServer:
         """Mirror the store into the gauges (done per scrape; the hot path pays nothing)."""
         metrics, config = self.bridge.metrics, self.config
         rows = await self.bridge.store.read(webhook_rows)
+        oldest = await self.bridge.store.read(oldest_queued)
+        now = time.time()
         names = {w.name for w in config.webhooks} | set(rows)
         for name in names:
             row = rows.get(name, {})
             metrics.queue_depth.labels(name).set(row.get("queued", 0))
+            created = oldest.get(name)
+            metrics.oldest_queued.labels(name).set(max(now - created, 0.0) if created else 0)
             metrics.dead_letters.labels(name).set(row.get("dead_letters", 0))
             metrics.set_state(name, _status(config.webhook(name), row))
         for gone in self._gauged - names:  # deleted webhooks leave no stale series
-            for gauge in (metrics.queue_depth, metrics.dead_letters):
+            for gauge in (metrics.queue_depth, metrics.dead_letters, metrics.oldest_queued):
                 _remove(gauge, gone)
             for state in (ENABLED, DISABLED, DISABLED_DUE_TO_ERRORS):
                 _remove(metrics.webhook_state, gone, state)

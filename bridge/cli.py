@@ -19,7 +19,7 @@ from typing import Any
 
 import structlog
 
-from . import __version__, logs, store_check
+from . import __version__, logs, store_check, wear
 from .config import (
     EX_CONFIG,
     Config,
@@ -162,16 +162,21 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         rows = status_rows(config, conn)
         damage = store_check.recorded(conn)
+        writes = wear.recorded(conn)
         failed = read_failed_change(conn)
     finally:
         conn.close()
     if args.json:
-        print(json.dumps({"webhooks": rows, "store": {"damage": damage},
+        print(json.dumps({"webhooks": rows, "store": {"damage": damage, "writes": writes},
                           "failed_change": failed}, indent=2))
         return EX_OK
     if failed is not None:
         print(f"CHANGE NOT APPLIED at {_iso(failed['at'] / 1000)} ({failed['change']}): "
               f"{'; '.join(failed['problems'])}; still running the previous configuration")
+    if writes is not None:
+        print(f"disk writes: {writes['bytes_per_s'] / 1024:.1f} KB/s, about "
+              f"{writes['gb_per_day']:.2f} GB/day at this rate (see README: SD cards and "
+              "flash wear)")
     if damage is not None:
         print(f"STORE DAMAGED at {_iso(float(damage['at']))}: {damage['damage']}; moved aside "
               f"to {damage['moved_to']} (deliveries queued there were not sent; delete it "

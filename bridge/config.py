@@ -182,6 +182,7 @@ class StoreConfig:
     overflow: str = "drop_oldest"  # drop_oldest | backpressure
     durability: str = "power_loss"  # power_loss | process_crash
     on_damage: str = "fail"  # fail | move_aside (see store_check)
+    commit_window: float = 0.1  # seconds an enqueue may wait for company (flash wear)
     dead_letters: DeadLettersConfig = field(default_factory=DeadLettersConfig)
 
 
@@ -470,6 +471,7 @@ def _parse_store(sec: Section) -> StoreConfig:
         overflow=sec.choice("overflow", OVERFLOWS),
         durability=sec.choice("durability", DURABILITIES),
         on_damage=sec.choice("on_damage", ON_DAMAGE),
+        commit_window=sec.parsed("commit_window", parse_duration, minimum=0),
         dead_letters=_dead_letters(sec.section("dead_letters")),
     )
     sec.finish()

@@ -46,6 +46,7 @@ from .store import (
     write_failed_change,
 )
 from .systemd import Notifier, run_watchdog
+from .wear import WearMeter
 
 log = structlog.get_logger("bridge.daemon")
 
@@ -101,7 +102,7 @@ class Bridge:
         damage = store_check.check(config.store.path, store_check.OnDamage(
             config.store.on_damage))
         self.store = Store(config.store.path, config.store.durability, config.store.max_size,
-                           config.store.overflow)
+                           config.store.overflow, config.store.commit_window)
         if damage is not None:
             store_check.record(config.store.path, damage)
         store_check.mark(config.store.path)
@@ -126,6 +127,7 @@ class Bridge:
         self._tasks: list[asyncio.Task[Any]] = []
         self.store.on_enqueued = self._enqueued
         self.store.on_full = self._store_full
+        self.wear = WearMeter()
         self._full_since: float | None = None
         self._drops = DropReporter(self.metrics)
         self._generation: str | None = None
@@ -305,6 +307,7 @@ class Bridge:
                     pruned_at = time.monotonic()
                     await self.prune_dead_letters()
                 await self._record_in_flight()
+                self._record_wear()
                 if self._config_files() != self._files_seen:
                     await self.reload_logged("a configuration file changed")
             except Exception as exc:  # keep watching whatever happens
@@ -363,10 +366,19 @@ class Bridge:
                 await self.ingest.enqueue_events(events, change)
                 log.info("lwm2m registrations expired", devices=[e.device_id for e in events])
 
+    def _record_wear(self) -> None:
+        self.metrics.bytes_written.inc(self.wear.sample())
+        if self.wear.due():  # rides with the next commit: no fsync of its own
+            self.store.submit(self.wear.op_record(), within=POLL).add_done_callback(
+                _log_failure)
+
     async def _record_in_flight(self) -> None:
         counts = {name: len(w.in_flight) for name, w in self.workers.items()}
         if counts != self._in_flight_written:
-            await self.store.write(self.store.op_in_flight(counts))
+            # For `status` only: it rides with the next commit (within a second) instead
+            # of paying for a commit (an fsync and a page written) of its own.
+            future = self.store.submit(self.store.op_in_flight(counts), within=POLL)
+            future.add_done_callback(_log_failure)
             self._in_flight_written = counts
 
     # -- reload -----------------------------------------------------------------------
@@ -539,9 +551,9 @@ class Bridge:
         try:
             from amqtt.broker import Broker
         except ImportError:
-            raise StartError("mqtt.embedded needs the embedded broker: pip install "
-                             "'mqtt-webhook-bridge[broker]' (or set mqtt.embedded: false "
-                             "and use a broker such as Mosquitto)") from None
+            from .checks import BROKER_EXTRA
+
+            raise StartError(BROKER_EXTRA) from None
         self.broker = Broker({
             "listeners": {"default": {"type": "tcp", "bind": where}},
             "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin":
@@ -585,6 +597,11 @@ class Bridge:
             await self.broker.shutdown()
         self.stopped.set()
         log.info("bridge stopped")
+
+
+def _log_failure(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("status note not recorded", cause=str(future.exception()))
 
 
 def _describe(exc: BaseException) -> str:

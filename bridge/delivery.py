@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import email.utils
 import ssl
 import sys
 import time
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from . import __version__, http1, logs
 from .config import TLSConfig, WebhookConfig
+from .policy import DEAD, DELIVERED, GONE, RETRY, parse_retry_after
 from .proxy import ProxyChoice
 from .render import Request
 from .signing import SecretKeeper, signature_headers
@@ -29,11 +29,9 @@ if TYPE_CHECKING:  # aiohttp's client is loaded only for OAuth2 token requests (
     import aiohttp
 
 USER_AGENT = f"webhook-bridge/{__version__}"
-RETRY_AFTER_CAP = 3600.0
 EXCERPT = http1.EXCERPT
 RETRYABLE_STATUSES = frozenset({408, 425, 429}) | frozenset(range(500, 600))
 
-DELIVERED, RETRY, DEAD, GONE = "delivered", "retry", "dead", "gone"
 
 
 @dataclass(slots=True)
@@ -46,23 +44,6 @@ class Outcome:
     response: str | None = None  # body excerpt, for dead letters and `test`
     headers: dict[str, str] | None = None
     elapsed: float = 0.0
-
-
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` (delta-seconds or HTTP-date), capped at 1 h."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return min(float(value), RETRY_AFTER_CAP)
-    try:
-        moment = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if moment is None:
-        return None
-    delay = moment.timestamp() - (time.time() if now is None else now)
-    return min(max(delay, 0.0), RETRY_AFTER_CAP)
 
 
 def _header(headers: dict[str, str], name: str) -> str | None:

@@ -1,22 +1,18 @@
-"""Dispatch: when each webhook's queued deliveries are attempted, and what follows.
+"""Dispatch: the store and HTTP I/O of each webhook's deliveries.
 
-Owns one :class:`WebhookWorker` per webhook: it pulls due deliveries from the store, keeps
-``concurrency`` requests in flight (at most ``rate_limit`` a second), and applies the
-policy of SPEC §5. Backoff is per webhook, not per delivery: after a retryable failure the
-webhook pauses for one backoff step (exponential with full jitter, stretched by
-``Retry-After``), then sends a single probe (its oldest due delivery); a success resumes
-full concurrency. So a failing endpoint sees one request per step however long the queue.
-``ordered`` keeps one delivery per device in flight, oldest first; ``batch`` groups
-deliveries into one request whose id (and members) stay the same on every retry.
-Consecutive HTTP-level failures past ``failure_limit`` disable the webhook (persisted);
-its deliveries stay queued.
+Owns one :class:`WebhookWorker` per webhook: it leases due deliveries from the store (or
+takes those the store hands it), keeps the requests in flight that the policy allows,
+sends them through :class:`bridge.delivery.Sender`, and commits each outcome. *What* to do
+is :class:`bridge.policy.DeliveryPolicy`'s decision (SPEC §5): the pause and single probe
+after a failure, what counts toward ``failure_limit``, ``Retry-After``, the rate limit,
+``ordered`` per-device FIFO and batch formation; the worker asks it and carries it out.
+Pauses and the rate limit run on the monotonic clock; stored times are wall-clock.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -25,36 +21,17 @@ from typing import Any
 import structlog
 
 from .config import WebhookConfig
-from .delivery import DEAD, DELIVERED, GONE, Outcome, Sender
+from .delivery import DEAD, DELIVERED, Outcome, Sender
 from .events import Event, new_id
 from .metrics import Metrics
+from .policy import DeliveryPolicy, TokenBucket, form_batches, take
 from .render import Renderer, RenderError
-from .store import DISABLED, DISABLED_DUE_TO_ERRORS, ENABLED, Delivery, Store
+from .store import DISABLED_DUE_TO_ERRORS, ENABLED, Delivery, Store
 
 log = structlog.get_logger("bridge.dispatch")
 
 StateListener = Callable[[str, str, str], Awaitable[None]]  # webhook, state, reason: writes it
 _BLOCKED = -1.0  # rows are due but wait for a device's earlier delivery
-
-
-class TokenBucket:
-    """``rate`` requests a second, bursts up to one second's worth."""
-
-    def __init__(self, rate: float, clock: Callable[[], float]) -> None:
-        self.rate = rate
-        self.capacity = max(1.0, rate)
-        self.tokens = self.capacity
-        self.clock = clock
-        self.stamp = clock()
-
-    def wait_time(self) -> float:
-        now = self.clock()
-        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        return 0.0 if self.tokens >= 1 else (1 - self.tokens) / self.rate
-
-    def take(self) -> None:
-        self.tokens -= 1
 
 
 class WebhookWorker:
@@ -63,7 +40,8 @@ class WebhookWorker:
     def __init__(self, webhook: WebhookConfig, store: Store, sender: Sender,
                  renderer: Renderer, state: str = ENABLED,
                  on_state: StateListener | None = None, metrics: Metrics | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self.webhook = webhook
         self.name = webhook.name
         self.store = store
@@ -72,7 +50,10 @@ class WebhookWorker:
         self.state = state
         self.on_state = on_state
         self.metrics = metrics
-        self.clock = clock
+        self.clock = clock  # wall-clock: stored times (created, last_triggered)
+        self.monotonic = monotonic  # pauses and the rate limit
+        self.policy = DeliveryPolicy(webhook.retry, webhook.failure_limit,
+                                     webhook.concurrency)
         self.in_flight: set[int] = set()
         self._busy_devices: dict[str | None, int] = {}
         self._ready: deque[Delivery] = deque()
@@ -87,11 +68,8 @@ class WebhookWorker:
         self._changed = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
-        self._step = 0
-        self._paused_until = 0.0
-        self._pause_started = 0.0
-        self._probing = False
-        self._bucket = TokenBucket(webhook.rate_limit, clock) if webhook.rate_limit else None
+        self._bucket = (TokenBucket(webhook.rate_limit, monotonic()) if webhook.rate_limit
+                        else None)
         self.task: asyncio.Task[None] | None = None
         self._stored_body = renderer.passes_stored_event
 
@@ -103,7 +81,7 @@ class WebhookWorker:
 
     def set_state(self, state: str) -> None:
         if state == ENABLED and self.state != ENABLED:
-            self._step, self._paused_until, self._probing = 0, 0.0, False
+            self.policy.reset()
         self.state = state
         self._clear_ready()
         self.wake()
@@ -121,8 +99,11 @@ class WebhookWorker:
 
     @property
     def capacity(self) -> int:
-        limit = 1 if self._probing else self.webhook.concurrency
-        return limit - len(self._tasks)
+        return self.policy.slots(len(self._tasks), self.monotonic())
+
+    @property
+    def _probing(self) -> bool:
+        return self.policy.probing
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -142,11 +123,12 @@ class WebhookWorker:
         (None: until something changes)."""
         if self.state != ENABLED:
             return None
+        if (pause := self.policy.wait(self.monotonic())) > 0:
+            return pause
         now = self.clock()
-        if now < self._paused_until:
-            return self._paused_until - now
         while self.capacity > 0 and not self._stopping:
-            if self._bucket is not None and (wait := self._bucket.wait_time()) > 0:
+            if (self._bucket is not None
+                    and (wait := self._bucket.wait_time(self.monotonic())) > 0):
                 return wait
             epoch = self._epoch
             if self.webhook.batch is not None:
@@ -188,7 +170,7 @@ class WebhookWorker:
 
     def _may_still_start(self, epoch: int) -> bool:
         return (epoch == self._epoch and self.state == ENABLED and not self._stopping
-                and self.clock() >= self._paused_until and self.capacity > 0)
+                and self.capacity > 0)
 
     async def _refill(self, want: int) -> None:
         exclude = (self.in_flight | {r.id for r in self._ready}
@@ -254,25 +236,8 @@ class WebhookWorker:
         self._formed.clear()
 
     def _take(self, limit: int) -> list[Delivery]:
-        """Up to ``limit`` eligible rows from the ready queue, oldest first. With
-        ``ordered`` only a device's oldest queued row may go, and only when none of its
-        rows is in flight."""
-        taken: list[Delivery] = []
-        skipped: list[Delivery] = []
-        seen_devices: set[str | None] = set()
-        while self._ready and len(taken) < limit:
-            row = self._ready.popleft()
-            if row.id in self.in_flight:
-                continue
-            if self.webhook.ordered and (row.device_id in seen_devices
-                                         or self._busy_devices.get(row.device_id)):
-                skipped.append(row)
-                seen_devices.add(row.device_id)
-                continue
-            seen_devices.add(row.device_id)
-            taken.append(row)
-        self._ready.extendleft(reversed(skipped))
-        return taken
+        return take(self._ready, limit, self.in_flight, self._busy_devices,
+                    self.webhook.ordered)
 
     async def _next_row(self) -> tuple[Delivery | None, float | None]:
         want = 1 if self._probing else max(self.webhook.concurrency * 32, 128)
@@ -323,18 +288,9 @@ class WebhookWorker:
             members = {r.id for r in rows}
             self._ready = deque(r for r in self._ready if r.id not in members)
             return [[r for r in rows if r.id not in self.in_flight]], None
-        fresh: list[Delivery] = []
-        for row in self._ready:
-            if row.batch_id is not None or len(fresh) == size * limit:
-                break
-            fresh.append(row)
-        groups = [fresh[start:start + size] for start in range(0, len(fresh), size)]
-        if len(groups[-1]) < size:
-            oldest = min(r.created for r in groups[-1])
-            if now < oldest + batch.max_wait:
-                groups.pop()
-                if not groups:
-                    return [], oldest + batch.max_wait - now
+        groups, wait = form_batches(self._ready, batch, limit, now)
+        if not groups:
+            return [], wait
         chosen = {r.id for rows in groups for r in rows}
         self._ready = deque(r for r in self._ready if r.id not in chosen)
         assignments = [(sorted(r.id for r in rows), new_id("bat_")) for rows in groups]
@@ -363,7 +319,7 @@ class WebhookWorker:
         self.wake()
 
     async def _attempt(self, rows: list[Delivery]) -> None:
-        started = self.clock()
+        started = self.monotonic()
         result: bool | asyncio.Future[Any] = True
         try:
             result = await self._attempt_rows(rows, started)
@@ -409,7 +365,8 @@ class WebhookWorker:
         """One attempt: True when the rows stay queued for a retry, False when they are
         gone, or the pending commit of their successful delivery."""
         webhook = self.webhook
-        expired = [r for r in rows if started - r.created > webhook.retry.max_age]
+        wall = self.clock()
+        expired = [r for r in rows if wall - r.created > webhook.retry.max_age]
         if expired:
             await self._dead(expired, f"older than retry.max_age ({webhook.retry.max_age:g}s)",
                              None, None, attempted=False)
@@ -438,49 +395,35 @@ class WebhookWorker:
             self.metrics.activity.record(self.name, batch_id or rows[0].event_id, outcome,
                                          len(rows))
         if outcome.kind == DELIVERED:
-            self._step, self._probing = 0, False
+            self.policy.outcome(DELIVERED, counts_as_failure=False, retry_after=None,
+                                started=started, now=self.monotonic())
             return self.store.delivered(self.name, [r.id for r in rows], self.clock(),
                                         holder=self)
         await self._settle(rows, started, outcome)
         return outcome.kind != DEAD
 
     async def _settle(self, rows: list[Delivery], started: float, outcome: Outcome) -> None:
-        now = self.clock()
-        ids = [r.id for r in rows]
-        # Attempts already in flight when the current pause began fail together; they
-        # count as one step towards failure_limit, like the requests the endpoint sees.
-        counts = outcome.counts_as_failure and started >= self._pause_started
+        # Decided before any await, so attempts finishing meanwhile see the pause.
+        decision = self.policy.outcome(
+            outcome.kind, counts_as_failure=outcome.counts_as_failure,
+            retry_after=outcome.retry_after, started=started, now=self.monotonic())
+        if decision.refetch:
+            self._clear_ready()  # the next attempt is a probe of the oldest due delivery
         if outcome.kind == DEAD:
             await self._dead(rows, outcome.cause, outcome.status, outcome.response,
-                             counts=counts)
+                             counts=decision.counts)
             return
-        delay = self._back_off(started, now, outcome)  # before any await: siblings see it
         failures = await self.store.write(self.store.op_retry(
-            self.name, ids, outcome.status, outcome.cause, counts, now, holder=self))
+            self.name, [r.id for r in rows], outcome.status, outcome.cause,
+            decision.counts, self.clock(), holder=self))
         log.warning("delivery failed", webhook=self.name, event_id=rows[0].event_id,
                     batch_id=rows[0].batch_id, attempt=rows[0].attempts + 1,
-                    status=outcome.status, cause=outcome.cause, retry_in=round(delay, 3))
-        if outcome.kind == GONE:
-            await self.change_state(DISABLED, outcome.cause)
+                    status=outcome.status, cause=outcome.cause,
+                    retry_in=round(decision.pause, 3))
+        if decision.disable is not None:
+            await self.change_state(decision.disable, outcome.cause)
         else:
             await self._check_limit(failures, outcome.cause)
-
-    def _back_off(self, started: float, now: float, outcome: Outcome) -> float:
-        """Pause the webhook for the next backoff step. An attempt that was already in
-        flight when the current pause began does not lengthen it again."""
-        self._clear_ready()  # the next attempt is a probe of the oldest due delivery
-        self._probing = True
-        if started < self._pause_started:
-            return max(self._paused_until - now, 0.0)
-        self._step += 1
-        retry = self.webhook.retry
-        ceiling = min(retry.max, retry.initial * 2 ** min(self._step - 1, 30))
-        delay = random.uniform(0, ceiling)
-        if outcome.retry_after is not None:
-            delay = max(delay, outcome.retry_after)
-        self._pause_started = now
-        self._paused_until = now + delay
-        return delay
 
     async def _dead(self, rows: list[Delivery], reason: str, status: int | None,
                     response: str | None, attempted: bool = True, counts: bool = False
@@ -496,11 +439,9 @@ class WebhookWorker:
             await self._check_limit(failures, reason)
 
     async def _check_limit(self, failures: int, cause: str) -> None:
-        limit = self.webhook.failure_limit
-        if limit > 0 and failures >= limit and self.state == ENABLED:
-            await self.change_state(
-                DISABLED_DUE_TO_ERRORS,
-                f"{failures} consecutive failures (failure_limit {limit}); last: {cause}")
+        if self.policy.over_limit(failures) and self.state == ENABLED:
+            await self.change_state(DISABLED_DUE_TO_ERRORS,
+                                    self.policy.limit_reason(failures, cause))
 
     async def change_state(self, state: str, reason: str) -> None:
         """The policy's change (410 Gone, failure_limit): written through the store's one

@@ -13,9 +13,20 @@ type (and any type longer than ``TYPE_LABEL_MAX``) counts under ``OTHER_TYPE``.
 from __future__ import annotations
 
 import contextlib
+import platform
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+)
 
+from . import __version__
 from .attempts import Activity
 
 STATES = ("ENABLED", "DISABLED", "DISABLED_DUE_TO_ERRORS")
@@ -45,9 +56,14 @@ class Metrics:
             "webhook_bridge_events", "Events decoded from messages", ["source", "type"],
             registry=r)
         self.deliveries = Counter(
-            "webhook_bridge_deliveries",
-            "Delivery attempts by outcome (delivered, retry, dead, gone)",
+            "webhook_bridge_delivery_attempts",
+            "Delivery attempts by outcome (delivered, retry, dead, gone), one per event an "
+            "attempt carried (a batch of N events counts N)",
             ["webhook", "outcome"], registry=r)
+        self.oldest_queued = Gauge(
+            "webhook_bridge_oldest_queued_seconds",
+            "Age of the oldest delivery waiting in the queue (0 when none waits)",
+            ["webhook"], registry=r)
         self.attempt_seconds = Histogram(
             "webhook_bridge_attempt_duration_seconds", "Duration of one HTTP attempt",
             ["webhook"], registry=r,
@@ -75,6 +91,10 @@ class Metrics:
             "webhook_bridge_store_damaged",
             "1 when a damaged queue database was moved aside at start (store.on_damage)",
             registry=r)
+        self.bytes_written = Counter(
+            "webhook_bridge_store_bytes_written",
+            "Bytes the bridge process wrote to disk (/proc/self/io write_bytes: the queue's "
+            "WAL and checkpoints, nearly all of it)", registry=r)
         self.redelivered = Counter(
             "webhook_bridge_messages_redelivered",
             "Broker redeliveries (DUP) of messages already committed: acknowledged, not "
@@ -104,6 +124,13 @@ class Metrics:
             "webhook_bridge_invalid_unrouted_events",
             "Invalid events (payloads that did not decode) that no webhook takes: logged "
             "once a minute per source with a count", ["source"], registry=r)
+        # The process (CPU, memory, open files) and the Python runtime, as every
+        # Prometheus client exports them by default; and what is running.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        Info("webhook_bridge_build", "The running webhook-bridge", registry=r).info(
+            {"version": __version__, "python": platform.python_version()})
         self.known_types: frozenset[str] = SPEC_TYPES
         self._dynamic_types: set[str] = set()
         self._event_counters: dict[tuple[str, str], Counter] = {}
@@ -131,7 +158,7 @@ class Metrics:
 
     def forget(self, webhook: str) -> None:
         """Drop a removed webhook's gauges (its counters stay: Prometheus expects that)."""
-        for gauge in (self.queue_depth, self.dead_letters):
+        for gauge in (self.queue_depth, self.dead_letters, self.oldest_queued):
             with contextlib.suppress(KeyError):
                 gauge.remove(webhook)
         for state in STATES:

@@ -43,6 +43,9 @@ ROW_OVERHEAD = 96  # bytes a delivery row costs beyond its event JSON (ids, time
 ID_BLOCK = 1024
 # How long a delivered mark may wait for another operation to share its commit.
 DELIVERED_COMMIT_DELAY = 0.05
+PAGE_SIZE = 1024
+# Enqueues of this many deliveries commit at once, without waiting for the window.
+EARLY_COMMIT_ITEMS = 256
 # A commit that failed for lack of space is retried after these many seconds, doubling.
 FULL_RETRY_INITIAL, FULL_RETRY_MAX = 0.1, 5.0
 _FULL_CODES = {13, 10}  # SQLITE_FULL, SQLITE_IOERR (a failed write or fsync: ENOSPC)
@@ -227,6 +230,10 @@ def connect(path: str, durability: str = "power_loss") -> sqlite3.Connection:
         # Room for every statement the writer uses (one INSERT per group length among them).
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
                                timeout=30.0, cached_statements=256)
+        # Page size of a new store (an existing one keeps its own): every commit writes
+        # whole pages to the WAL, so smaller pages write less for the few rows a commit
+        # at a low rate touches (flash wear, see README "SD cards and flash wear").
+        conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
         conn.execute("PRAGMA journal_mode=WAL")
         # FULL fsyncs the WAL at every commit (survives power loss); NORMAL survives a
         # process crash and leaves the fsync to checkpoints.
@@ -258,8 +265,11 @@ class Store:
     """The queue: group-committed writes and non-blocking reads, from asyncio."""
 
     def __init__(self, path: str, durability: str = "power_loss", max_size: int = 0,
-                 overflow: str = "drop_oldest") -> None:
+                 overflow: str = "drop_oldest", commit_window: float = 0.0) -> None:
         self.path = path
+        # An enqueue waits up to this long for company before its commit (fewer commits,
+        # fewer pages written per message at low rates; acks wait that much longer).
+        self.commit_window = commit_window
         self.durability = durability
         self.max_size = max_size  # 0 = no quota
         self.overflow = overflow
@@ -353,7 +363,7 @@ class Store:
         batch = self._enqueue_batch
         if batch is None:
             batch = self._enqueue_batch = _EnqueueBatch()
-            future = self.submit(self.op_enqueue_batch(batch))
+            future = self.submit(self.op_enqueue_batch(batch), within=self.commit_window)
             batch.future = future
             # Acks sent since the last commit are forgotten in this one (no commit of
             # their own: a forgotten entry costs nothing until its packet id returns).
@@ -362,6 +372,8 @@ class Store:
         if ack is not None:
             batch.acks[ack[0]] = (ack[1], ack[2])
         batch.items.extend(items)
+        if self.commit_window and len(batch.items) >= EARLY_COMMIT_ITEMS and self._wake:
+            self._wake.set()  # a high rate fills a commit without waiting
         if also is not None:
             batch.also.append(also)
         return batch.future
@@ -376,8 +388,9 @@ class Store:
             # A delivered mark is not what keeps a reading safe (the queued row is), so
             # at low rates it rides with the next enqueue's commit instead of paying an
             # fsync of its own; a crash meanwhile at worst resends with the same id.
-            self._delivered_future = self.submit(self.op_delivered_batch(batch),
-                                                 within=DELIVERED_COMMIT_DELAY)
+            self._delivered_future = self.submit(
+                self.op_delivered_batch(batch),
+                within=max(DELIVERED_COMMIT_DELAY, self.commit_window))
         ids_, attempts, _, holders = batch.get(webhook, ([], 0, 0.0, []))
         ids_.extend(ids)
         if holder is not None:
@@ -640,9 +653,7 @@ class Store:
         def enqueue(conn: sqlite3.Connection) -> None:
             # This may run twice (a failed group is retried op by op): the first run's
             # rows were rolled back, so their leases end.
-            for holder, row in batch.handed:
-                self.leases.release(holder, (row.id,))
-            batch.handed = []
+            _release_handed(self.leases, batch)
             if batch.forget_all:
                 conn.execute("DELETE FROM unacked")
             elif batch.forget:
@@ -659,26 +670,27 @@ class Store:
                 return
             now = batch.now
             holders: dict[str, Holder | None] = {}
+            wanted: dict[int, tuple[Holder, list[int]]] = {}  # one grant per holder
             for offset, item in enumerate(stored):
                 holder = holders.get(item.webhook, False)
                 if holder is False:
                     holder = holders[item.webhook] = self.leases.handoff_holder(item.webhook)
-                if holder is None:
-                    continue
-                row_id = first + offset
-                if not self.leases.grant(holder, (row_id,)):
-                    continue
-                self._sizes[row_id] = len(item.event) + ROW_OVERHEAD  # as _insert stored
-                batch.handed.append((holder, Delivery(row_id, item.webhook, item.event_id,
-                                                      item.device_id, item.event, now, now,
-                                                      0, None)))
+                if holder is not None:
+                    wanted.setdefault(id(holder), (holder, []))[1].append(offset)
+            for holder, offsets in wanted.values():
+                if not self.leases.grant(holder, [first + o for o in offsets]):
+                    continue  # retired meanwhile: the rows wait in the queue
+                for offset in offsets:
+                    item, row_id = stored[offset], first + offset
+                    self._sizes[row_id] = len(item.event) + ROW_OVERHEAD  # as _insert stored
+                    batch.handed.append((holder, Delivery(
+                        row_id, item.webhook, item.event_id, item.device_id, item.event, now,
+                        now, 0, None)))
 
         def settle(committed: bool, again: bool) -> None:
             # Rows are handed out only once their commit succeeded (a rerun hands anew).
             if not committed:
-                for holder, row in batch.handed:
-                    self.leases.release(holder, (row.id,))
-                batch.handed = []
+                _release_handed(self.leases, batch)
 
         enqueue.batch = batch  # type: ignore[attr-defined]
         enqueue.settle = settle  # type: ignore[attr-defined]
@@ -969,6 +981,15 @@ class DueQuery:
         return result
 
 
+def _release_handed(leases: Leases, batch: _EnqueueBatch) -> None:
+    by_holder: dict[int, tuple[Holder, list[int]]] = {}
+    for holder, row in batch.handed:
+        by_holder.setdefault(id(holder), (holder, []))[1].append(row.id)
+    for holder, ids in by_holder.values():
+        leases.release(holder, ids)
+    batch.handed = []
+
+
 def _settle(op: Operation, committed: bool, again: bool) -> None:
     """Run what ``op`` does once its transaction committed or failed (``again``: it will
     be tried again, when there is space): the leases it hands out or takes back."""
@@ -1063,6 +1084,11 @@ def webhook_rows(conn: sqlite3.Connection) -> dict[str, dict[str, Any]]:
     finally:
         conn.row_factory = None
     return rows
+
+
+def oldest_queued(conn: sqlite3.Connection) -> dict[str, float]:
+    """Per webhook, when its oldest queued delivery was created (for the age gauge)."""
+    return dict(conn.execute("SELECT webhook, MIN(created) FROM deliveries GROUP BY webhook"))
 
 
 def move_to_dead_letters(conn: sqlite3.Connection, ids: list[int], reason: str,

@@ -148,7 +148,7 @@ async def test_metrics_count_messages_events_and_deliveries(
 
         async def settled() -> Samples | None:
             samples = await admin.samples()
-            delivered = sample(samples, "webhook_bridge_deliveries_total",
+            delivered = sample(samples, "webhook_bridge_delivery_attempts_total",
                                webhook="cloud", outcome="delivered")
             depth = sample(samples, "webhook_bridge_queue_depth", webhook="cloud")
             return samples if delivered == 3 and depth == 0 else None
