@@ -18,15 +18,20 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 # --- build: wheels for the project and every dependency --------------------------------
 FROM ${PYTHON_IMAGE} AS builder
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
-# A compiler, for dependencies that publish no wheel for the target architecture
-# (e.g. linux/arm/v7); it stays in this stage.
+# A compiler and headers, for dependencies that publish no wheel for the target
+# architecture (linux/arm/v7: PyYAML; with the broker extra also psutil, cffi,
+# argon2-cffi-bindings); they stay in this stage. cbor2 is kept below 6 there by an
+# environment marker in setup.cfg (cbor2 6 is Rust-only).
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends build-essential \
+    && apt-get install -y --no-install-recommends build-essential libffi-dev \
     && rm -rf /var/lib/apt/lists/*
+# EXTRAS=broker adds the embedded MQTT broker (mqtt.embedded: true); the default image is
+# the small gateway install that connects to a broker such as Mosquitto.
+ARG EXTRAS=""
 WORKDIR /src
 COPY pyproject.toml setup.cfg README.md ./
 COPY bridge ./bridge
-RUN pip wheel --wheel-dir /wheels .
+RUN pip wheel --wheel-dir /wheels ".${EXTRAS:+[$EXTRAS]}"
 
 # --- runtime: the wheels only, no build tools, not root -------------------------------
 FROM ${PYTHON_IMAGE}
@@ -35,8 +40,10 @@ ENV PYTHONUNBUFFERED=1 \
     STATE_DIRECTORY=/var/lib/webhook-bridge \
     WEBHOOK_BRIDGE_CONFIG=/etc/webhook-bridge/config.yaml
 # The wheels are bind-mounted from the builder, so they never land in a layer.
+ARG EXTRAS=""
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
-    pip install --no-cache-dir --no-index --find-links /wheels mqtt-webhook-bridge \
+    pip install --no-cache-dir --no-index --find-links /wheels \
+        "mqtt-webhook-bridge${EXTRAS:+[$EXTRAS]}" \
     && webhook-bridge --version
 # conf.d is where the admin API writes webhooks; it belongs to the service user (a named
 # volume mounted there inherits this owner).

@@ -7,7 +7,9 @@ render and go to the dead letters (``url: .../{devce_id}``), so it is named, wit
 you mean". And each webhook's request is rendered once on a sample event shaped like its
 sources' events (the ``test`` command's, with every ``payload.*`` the templates use
 present), so what fails to render for any event shows before the daemon runs.
-These are warnings: ``check`` exits 0 unless ``--strict`` is given.
+And ``mqtt.embedded: true`` without the ``broker`` extra installed is named (``run``
+fails on it with the same advice). These are warnings: ``check`` exits 0 unless
+``--strict`` is given.
 """
 
 from __future__ import annotations
@@ -135,9 +137,24 @@ def _put(payload: dict[str, Any], path: list[str]) -> None:
     node.setdefault(path[-1], "sample")
 
 
+BROKER_EXTRA = ("mqtt.embedded: true needs the embedded broker, which is not installed: "
+                "pip install 'mqtt-webhook-bridge[broker]' (or set mqtt.embedded: false and "
+                "use a broker such as Mosquitto)")
+
+
+def broker_missing(config: Config) -> bool:
+    if not config.mqtt.embedded:
+        return False
+    try:
+        import amqtt.broker  # noqa: F401
+    except ImportError:
+        return True
+    return False
+
+
 def warnings(config: Config) -> list[str]:
     """Every warning for ``config``, webhook by webhook."""
-    out: list[str] = []
+    out: list[str] = [f"mqtt.embedded: {BROKER_EXTRA}"] if broker_missing(config) else []
     for webhook in config.webhooks:
         problems = placeholder_problems(config, webhook)
         out += problems

@@ -564,9 +564,9 @@ class Bridge:
         try:
             from amqtt.broker import Broker
         except ImportError:
-            raise StartError("mqtt.embedded needs the embedded broker: pip install "
-                             "'mqtt-webhook-bridge[broker]' (or set mqtt.embedded: false "
-                             "and use a broker such as Mosquitto)") from None
+            from .checks import BROKER_EXTRA
+
+            raise StartError(BROKER_EXTRA) from None
         self.broker = Broker({
             "listeners": {"default": {"type": "tcp", "bind": where}},
             "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin":

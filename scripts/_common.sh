@@ -19,10 +19,28 @@ apt_install() {
     fi
 }
 
+# 32-bit ARM (Raspberry Pi OS armhf, also on a 64-bit kernel): PyPI has no armv7l
+# wheels for PyYAML, and the broker extra's psutil, cffi and argon2-cffi-bindings, so pip
+# compiles them (piwheels.org, which Raspberry Pi OS configures in /etc/pip.conf, has most
+# of them prebuilt); cbor2 6 is Rust-only, so the 5.x line is used.
+arm32() {
+    case "$(uname -m)" in
+        armv6l | armv7l | armv8l) return 0 ;;
+        aarch64) [ "$(getconf LONG_BIT)" = 32 ] ;;
+        *) return 1 ;;
+    esac
+}
+
 make_venv() {
+    local extra=()
+    if arm32; then
+        apt_install build-essential python3-dev libffi-dev
+        extra=("cbor2>=5.6,<6")
+    fi
     if [ ! -x .venv/bin/python ]; then
         python3 -m venv .venv 2>/dev/null || { apt_install python3-venv; python3 -m venv .venv; }
     fi
-    .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q -e "$1"
+    # No -q: pip shows its progress, and when a package fails to build, the real error.
+    .venv/bin/python -m pip install --disable-pip-version-check --upgrade pip
+    .venv/bin/python -m pip install --disable-pip-version-check -e "$1" "${extra[@]}"
 }

@@ -3,7 +3,7 @@
 # broker (amqtt) on 127.0.0.1:1883, the queue in config/state/, one webhook to a local
 # receiver. Publish to devices/<id>/telemetry and watch it arrive; Ctrl-C stops it.
 source "$(dirname "$0")/_common.sh"
-make_venv .
+make_venv ".[broker]"  # the embedded broker the example config uses
 # The other commands (status, test, dead, ...) find this config through the environment.
 cat >&2 <<EOF
 

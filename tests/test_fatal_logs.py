@@ -226,3 +226,23 @@ def test_journal_stream_detection(tmp_path: Path) -> None:
             del os.environ["JOURNAL_STREAM"]
         assert not journal_stream(stream)
 
+
+
+def test_embedded_without_the_broker_extra_names_it() -> None:
+    """A gateway install without ``[broker]``: ``check`` warns, ``run`` is one line."""
+    tmp = temp_dir()
+    blocked = tmp / "site"
+    (blocked / "amqtt").mkdir(parents=True)
+    (blocked / "amqtt" / "__init__.py").write_text(
+        "raise ImportError('No module named amqtt (blocked by the test)')\n")
+    env = {**PYTHON_ENV, "PYTHONPATH": f"{blocked}:{ROOT}"}
+    path = _config(tmp)
+    line = _one_fatal_line(_run(path, env))
+    assert line["event"] == (
+        "mqtt.embedded: true needs the embedded broker, which is not installed: pip install "
+        "'mqtt-webhook-bridge[broker]' (or set mqtt.embedded: false and use a broker such "
+        "as Mosquitto)")
+    check = subprocess.run([sys.executable, "-m", "bridge", "check", "-c", str(path)],
+                           capture_output=True, text=True, env=env, timeout=30)
+    assert check.returncode == 0
+    assert check.stderr == f"{path}: warning: mqtt.embedded: {line['event']}\n"
