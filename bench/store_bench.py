@@ -14,7 +14,7 @@ the daemon, one group commit per *tick*, deterministically:
     ``bench/run.py --scenario steady``, where almost every row comes from a refill.
 ``handoff``
     the same with an empty queue: the worker has caught up and every new row is handed
-    to it by the enqueue itself (``store.handoff``, ``on_enqueued``).
+    to it by the enqueue itself (the store's handoff: ``offer``).
 ``batch``
     ``batch.max_events`` 100: every tick enqueues 4×``K`` deliveries; a batch finishes
     when all 8 request slots are busy; with a free slot and fewer than 100 ready rows the
@@ -183,7 +183,8 @@ def load_store(path: str | None) -> types.ModuleType:
     """``bridge.store``, or a fresh module made from the file ``path``."""
     if path is None:
         return bridge.store
-    name = f"store_under_test_{len(sys.modules)}"
+    # Inside the bridge package, so the file's relative imports (.leases) resolve.
+    name = f"bridge.store_under_test_{len(sys.modules)}"
     spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -211,19 +212,36 @@ class Pattern:
         self.in_flight: deque[list[Delivery]] = deque()  # requests, oldest first
         self.caught_up = False
         self.delivered = 0
-        store.on_enqueued = self._offered
+        # The lease API: the store owns the leases (bridge/leases.py) and hands new rows
+        # to this driver as a worker; a store.py from before that (``--store``) kept a
+        # bare ``leased`` set and a ``handoff`` set that the caller changed.
+        self.owned = hasattr(store, "leases")
+        if not self.owned:
+            store.on_enqueued = lambda _, handed: handed and self.offer(handed)
 
-    def _offered(self, dropped: dict[str, int], handed: list[Delivery]) -> None:
-        # As WebhookWorker.offer (called only with rows): take them while caught up,
-        # else release the leases.
-        if not handed:
-            return
+    def offer(self, handed: list[Delivery]) -> None:
+        # As WebhookWorker.offer: take them while caught up, else release the leases.
         if self.caught_up and len(self.ready) < 256:
             self.ready.extend(handed)
         else:
             self.caught_up = False
+            self._stop_handoff()
+            self._release([r.id for r in handed])
+
+    def _stop_handoff(self) -> None:
+        if self.owned:
+            self.store.stop_handoff(self)
+        else:
             self.store.handoff.discard(WEBHOOK)
-            self.store.leased.difference_update(r.id for r in handed)
+
+    def _release(self, ids: list[int]) -> None:
+        if self.owned:
+            self.store.release(self, ids)
+        else:
+            self.store.leased.difference_update(ids)
+
+    def _handing_off(self) -> bool:
+        return self.store.hands_off_to(self) if self.owned else WEBHOOK in self.store.handoff
 
     def items(self, count: int) -> list[NewDelivery]:
         out = []
@@ -239,21 +257,28 @@ class Pattern:
     def lease(self, want: int) -> asyncio.Future[Any]:
         exclude = {r.id for req in self.in_flight for r in req} | {r.id for r in self.ready}
         self.caught_up = False
-        self.store.handoff.discard(WEBHOOK)
-        op = self.store.op_lease(self.lib.Store.q_due(WEBHOOK, None, want, exclude),
-                                 handoff_if_short=(WEBHOOK, want))
+        self._stop_handoff()
+        query = self.lib.Store.q_due(WEBHOOK, None, want, exclude)
+        if self.owned:
+            op = self.store.op_lease(self, query, handoff=True)
+        else:
+            op = self.store.op_lease(query, handoff_if_short=(WEBHOOK, want))
         return self.store.submit(self.clock.wrap("lease", op))
 
     def finish(self, requests: list[list[Delivery]]) -> asyncio.Future[Any] | None:
         future = None
         for rows in requests:
-            future = self.store.delivered(WEBHOOK, [r.id for r in rows], time.time())
+            ids = [r.id for r in rows]
+            if self.owned:  # the store takes the leases back with the commit
+                future = self.store.delivered(WEBHOOK, ids, time.time(), holder=self)
+            else:
+                future = self.store.delivered(WEBHOOK, ids, time.time())
             self.delivered += len(rows)
         return future
 
     def release(self, requests: list[list[Delivery]]) -> None:
         for rows in requests:
-            self.store.leased.difference_update(r.id for r in rows)
+            self._release([r.id for r in rows])
 
     async def prefill(self, rows: int) -> None:
         for start in range(0, rows, 500):
@@ -273,7 +298,7 @@ class Pattern:
         self.release(done)
         if refill is not None:
             self.ready.extend(refill.result())
-            self.caught_up = WEBHOOK in self.store.handoff
+            self.caught_up = self._handing_off()
         while self.ready and len(self.in_flight) < CONCURRENCY:
             self.in_flight.append([self.ready.popleft()])
 
@@ -296,7 +321,7 @@ class Pattern:
         self.release(done)
         if refill is not None:
             self.ready.extend(refill.result())
-            self.caught_up = WEBHOOK in self.store.handoff
+            self.caught_up = self._handing_off()
 
 
 async def keep_loop_busy(stop: asyncio.Event, work_us: float) -> None:

@@ -447,7 +447,8 @@ def _parse_mqtt(sec: Section) -> MQTTConfig:
         shared_group=shared,
         tls=tls,
         embedded=sec.boolean("embedded"),
-        max_payload=sec.parsed("max_payload", parse_size, minimum=1),
+        max_payload=sec.parsed("max_payload", parse_size, minimum=1,
+                               maximum=268_435_455),  # the largest MQTT packet
     )
     sec.finish()
     return config

@@ -159,3 +159,13 @@ def test_the_device_registry_is_bounded_and_counts_toward_the_quota(tmp_path: Pa
     types = [e["type"] for e in rows(tmp_path / "q.db")]
     assert types.count("a") == 100  # every device's events still flow
     assert types.count("device.created") == limit
+
+
+def test_a_type_longer_than_the_bound_makes_the_message_invalid(tmp_path: Path) -> None:
+    asyncio.run(ingest_all(tmp_path, [msg(b'{"kind": "%s"}' % (b"k" * 257)),
+                                      msg(b'{"kind": "%s"}' % (b"k" * 256))]))
+    events = [e for e in rows(tmp_path / "q.db") if e["type"] != "device.created"]
+    assert events[0]["type"] == "invalid"
+    assert events[0]["decode_error"] == ("source t: the type is longer than 256 characters "
+                                         "(EVENT_TYPE_MAX)")
+    assert events[1]["type"] == "k" * 256

@@ -9,6 +9,7 @@ import itertools
 import json
 import signal
 import sqlite3
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,6 @@ from .support import (
     base_config,
     free_port,
     https_webhook,
-    paced_publish,
     seqs,
     started,
     wait_for,
@@ -122,14 +122,15 @@ async def test_the_last_writer_wins_between_cli_and_api(
             while time.monotonic() < end:
                 assert len(endpoint.requests) < sent, "delivered while DISABLED"
                 await wait_for(lambda: True, 0.1)
-            await cli("ENABLED")  # what was held goes out once enabled
+            await api.state("w", "ENABLED")  # what was held goes out once enabled
             await wait_for(lambda: len(endpoint.requests) == sent, 2.0, "the held delivery")
-            await cli("DISABLED")
+            await api.state("w", "DISABLED")
             await wait_for(lambda: notices.last["status"] == "DISABLED", 1.0, "re-disable")
 
     try:
         await started(daemon)
         await wait_for(lambda: api_ready(admin_port), 10, "the admin server")
+
         async def write(who: str, state: str) -> None:
             await (cli(state) if who == "cli" else api.state("w", state))
 
@@ -164,6 +165,20 @@ async def test_the_last_writer_wins_between_cli_and_api(
         notices.close()
         if daemon.proc.poll() is None:
             daemon.terminate()
+
+
+def publish_until(publisher: Publisher, stop: threading.Event, rate: float) -> int:
+    """Publish ``{"seq": n}`` at ``rate`` a second until ``stop`` (from a thread: the
+    pace of the load, not a synchronisation); wait for the broker's acks; the count."""
+    infos, start = [], time.monotonic()
+    while not stop.is_set():
+        infos.append(publisher.publish(TOPIC, {"seq": len(infos)}))
+        ahead = start + len(infos) / rate - time.monotonic()
+        if ahead > 0:
+            stop.wait(ahead)
+    for info in infos:
+        info.wait_for_publish(30)
+    return len(infos)
 
 
 def api_ready(port: int) -> bool:
@@ -206,8 +221,8 @@ async def test_a_change_that_cannot_be_applied_changes_nothing(
         await started(daemon)
         await wait_for(lambda: api_ready(admin_port), 10, "the admin server")
         assert (await api.call("POST", "", api_hook))[0] == 201
-        stream = asyncio.create_task(asyncio.to_thread(paced_publish, publisher,
-                                                       range(800), 100.0))
+        stop = threading.Event()
+        stream = asyncio.create_task(asyncio.to_thread(publish_until, publisher, stop, 100.0))
         await wait_for(lambda: len(api_end.requests) >= 100, 20, "the stream to flow")
 
         marks = {"put": time.time()}
@@ -256,17 +271,26 @@ async def test_a_change_that_cannot_be_applied_changes_nothing(
         marks["good put"] = time.time()
         assert "CHANGE NOT APPLIED" not in await status()
         assert "failed_change" not in await readyz()
-        await stream
+        stop.set()
+        published = await stream
         for endpoint in (main, api_end):
-            await wait_for(lambda e=endpoint: set(seqs(e.requests)) >= set(range(800)), 30,
-                           "every message")
+            await wait_for(lambda e=endpoint: set(seqs(e.requests)) >= set(range(published)),
+                           30, "every message")
             times = sorted(r.at for r in endpoint.requests)
             gaps = [b - a for a, b in itertools.pairwise(times)]
             worst = max(range(len(gaps)), key=gaps.__getitem__)
-            assert gaps[worst] < 1.0, (f"a {gaps[worst]:.2f}s gap in the deliveries at "
+            # At 100 messages a second a stalled worker shows as a gap without end; the
+            # bound leaves room for a loaded test machine (2 cores shared by many).
+            assert gaps[worst] < 3.0, (f"a {gaps[worst]:.2f}s gap in the deliveries at "
                                        f"{times[worst]} (changes made at {marks})")
-        assert {r.path for r in main.requests[-10:]} == {"/v3"}
-        assert {r.path for r in api_end.requests[-10:]} == {"/a3"}
+        # What comes after the good changes goes where they say.
+        after = range(published, published + 5)
+        await publisher.publish_all([(TOPIC, {"seq": n}) for n in after])
+        for endpoint, path in ((main, "/v3"), (api_end, "/a3")):
+            await wait_for(lambda e=endpoint: set(seqs(e.requests)) >= set(after), 10,
+                           "the messages after the good changes")
+            assert {r.path for r in endpoint.requests if r.json()["payload"]["seq"] in after
+                    } == {path}
         assert {r.path for r in main.requests} == {"/ingest", "/v3"}
         assert {r.path for r in api_end.requests} == {"/a1", "/a3"}
         output = daemon.output()
@@ -280,3 +304,46 @@ async def test_a_change_that_cannot_be_applied_changes_nothing(
             daemon.terminate()
         for endpoint in (main, api_end):
             await endpoint.stop()
+
+
+async def test_a_sender_that_cannot_be_built_changes_nothing(
+        tmp_path: Path, mosquitto: Mosquitto, endpoint: Endpoint, certs: Certificates
+) -> None:
+    """The build-then-swap itself (in process): a CA file that stops loading between the
+    check and the build leaves config, rules and workers as they were, and the next good
+    change applies (no KeyError)."""
+    from dataclasses import replace
+
+    from bridge.config import TLSConfig, load_config
+    from bridge.daemon import Bridge
+    from bridge.errors import ChangeError
+
+    config = state_config(tmp_path, mosquitto, endpoint, certs, free_port())
+    config["admin"] = {"listen": None}
+    Daemon(tmp_path, config)  # writes config.yaml
+    bridge = Bridge(load_config(str(tmp_path / "config.yaml")))
+    await bridge.start()
+    try:
+        running, worker = bridge.config, bridge.workers["w"]
+        bad_ca = tmp_path / "bad-ca.pem"
+        bad_ca.write_text("not a certificate\n")
+        webhook = running.webhooks[0]
+        broken = replace(running, webhooks=(
+            replace(webhook, url=endpoint.url + "/v2", tls=TLSConfig(ca_file=str(bad_ca))),
+            replace(webhook, name="added")))
+        try:
+            await bridge._apply(broken)
+            raise AssertionError("the change applied")
+        except ChangeError as error:
+            assert error.problems == [
+                f"webhook w: its TLS files do not load (tls.ca_file {bad_ca}): [X509: "
+                "NO_CERTIFICATE_OR_CRL_FOUND] no certificate or crl found (_ssl.c:4154); "
+                "fix the file or the path"]
+        assert bridge.config is running and bridge.workers == {"w": worker}
+        assert not worker.task.done() and bridge.rules.match is not None
+        good = replace(running, webhooks=(replace(webhook, url=endpoint.url + "/v3"),))
+        assert await bridge._apply(good) is True
+        assert bridge.config == good and bridge.workers["w"] is not worker
+        assert bridge.workers["w"].webhook.url == endpoint.url + "/v3"
+    finally:
+        await bridge.stop()

@@ -29,6 +29,10 @@ JSON_MAX_INT_DIGITS = 1000
 """Digits of one JSON integer. Python refuses to print an integer of more than 4,300
 digits, and the work to convert one grows with the square of its length."""
 
+EVENT_TYPE_MAX = 256
+"""Characters of an event type a ``type`` template makes from the payload (it travels in
+headers and URLs, and is matched against every webhook's ``events``)."""
+
 SENML_MAX_RECORDS = 5000
 """Records in one SenML pack (JSON or CBOR), base-field-only records included."""
 

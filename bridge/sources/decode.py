@@ -18,7 +18,7 @@ from typing import Any
 from ..config import SourceConfig
 from ..events import INVALID, Event, iso_now
 from ..templates import Template, TemplateError, compile_template
-from .bounds import JSONBoundError, load_json
+from .bounds import EVENT_TYPE_MAX, JSONBoundError, load_json
 from .topics import TopicTemplate
 
 
@@ -146,6 +146,11 @@ class SourceDecoder:
                 else:
                     rendered = self.type_template.render(context)
                     event.type = self.type_map.get(rendered, rendered)
+                    if len(event.type) > EVENT_TYPE_MAX:
+                        return self._invalid(
+                            event.topic, raw, event.device_id, event.labels,
+                            event.received_at, f"source {self.source.name}: the type is "
+                            f"longer than {EVENT_TYPE_MAX} characters (EVENT_TYPE_MAX)")
                 context["type"] = event.type
             for name, template in self.label_templates.items():
                 event.labels[name] = template.render(context)
