@@ -23,6 +23,7 @@ from typing import Any
 
 import structlog
 
+from . import clock as queue_clock
 from . import logs, store_check, testsend
 from .config import Config, ConfigError, WebhookConfig, load_config
 from .delivery import USER_AGENT, Outcome, Sender
@@ -54,6 +55,7 @@ POLL = 1.0  # seconds: how soon a change to a file takes effect
 FOLLOW = 0.2  # seconds: how soon a change a CLI command made to the store takes effect
 PRUNE_EVERY = 10.0  # seconds between two checks of the dead letters' bound
 DRAIN_GRACE = 30.0
+CLOCK_STEP = 2.0  # seconds: a larger change of wall minus queue time is a clock step
 REMOVED_REASON = "webhook removed from the configuration"
 
 
@@ -128,6 +130,7 @@ class Bridge:
         self.store.on_enqueued = self._enqueued
         self.store.on_full = self._store_full
         self.wear = WearMeter()
+        self._skew = self.store.clock.wall_skew()
         self._full_since: float | None = None
         self._drops = DropReporter(self.metrics)
         self._generation: str | None = None
@@ -368,9 +371,19 @@ class Bridge:
 
     def _record_wear(self) -> None:
         self.metrics.bytes_written.inc(self.wear.sample())
+        skew = self.store.clock.wall_skew()
+        if abs(skew - self._skew) > CLOCK_STEP:
+            log.warning("the wall clock stepped; queue times (due, max_age) do not follow",
+                        step_s=round(skew - self._skew, 1))
+            self._skew = skew
         if self.wear.due():  # rides with the next commit: no fsync of its own
-            self.store.submit(self.wear.op_record(), within=POLL).add_done_callback(
-                _log_failure)
+            record, clock = self.wear.op_record(), self.store.clock
+
+            def notes(conn: Any) -> None:
+                record(conn)
+                queue_clock.save(conn, clock)  # the floor of queue time after a reboot
+
+            self.store.submit(notes, within=POLL).add_done_callback(_log_failure)
 
     async def _record_in_flight(self) -> None:
         counts = {name: len(w.in_flight) for name, w in self.workers.items()}

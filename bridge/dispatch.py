@@ -6,7 +6,8 @@ sends them through :class:`bridge.delivery.Sender`, and commits each outcome. *W
 is :class:`bridge.policy.DeliveryPolicy`'s decision (SPEC §5): the pause and single probe
 after a failure, what counts toward ``failure_limit``, ``Retry-After``, the rate limit,
 ``ordered`` per-device FIFO and batch formation; the worker asks it and carries it out.
-Pauses and the rate limit run on the monotonic clock; stored times are wall-clock.
+Pauses and the rate limit run on the monotonic clock; a delivery's age and due time on the
+queue clock (bridge.clock, immune to wall-clock steps); times shown are wall-clock.
 """
 
 from __future__ import annotations
@@ -304,7 +305,7 @@ class WebhookWorker:
         due = await self.store.read(Store.q_next_due(self.name, set(self.in_flight)))
         if due is None:
             return None
-        return max(due - self.clock(), 0.05)
+        return max(due - self.store.clock.now(), 0.05)  # queue time (bridge.clock)
 
     def _start(self, rows: list[Delivery]) -> None:
         for row in rows:
@@ -365,8 +366,9 @@ class WebhookWorker:
         """One attempt: True when the rows stay queued for a retry, False when they are
         gone, or the pending commit of their successful delivery."""
         webhook = self.webhook
-        wall = self.clock()
-        expired = [r for r in rows if wall - r.created > webhook.retry.max_age]
+        # Age in queue time (bridge.clock): a wall-clock step does not age a queue.
+        now = self.store.clock.now()
+        expired = [r for r in rows if now - r.created > webhook.retry.max_age]
         if expired:
             await self._dead(expired, f"older than retry.max_age ({webhook.retry.max_age:g}s)",
                              None, None, attempted=False)

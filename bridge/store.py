@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 import structlog
 
+from . import clock as queue_clock
 from .leases import Holder, Leases
 
 try:  # the events are made with orjson when it is installed (see events.dumps)
@@ -220,6 +221,8 @@ _INSERT_SQL = {n: "INSERT INTO deliveries (id, webhook, event_id, device_id, eve
 _MAX_SIZES = 1 << 16  # row sizes remembered at most (rows released, not deleted, stay)
 
 Operation = Callable[[sqlite3.Connection], Any]
+# Queue time for due-queries made in this process (the open Store's clock, bridge.clock).
+queue_now: Callable[[], float] = time.time
 
 
 def connect(path: str, durability: str = "power_loss") -> sqlite3.Connection:
@@ -274,6 +277,12 @@ class Store:
         self.max_size = max_size  # 0 = no quota
         self.overflow = overflow
         self._writer = connect(path, durability)
+        # Queue times (created, due, max_age) on a clock that wall-clock steps do not move
+        # (bridge.clock); due-queries of this process use it too.
+        self.clock = queue_clock.load(self._writer)
+        queue_clock.save(self._writer, self.clock)
+        global queue_now
+        queue_now = self.clock.now
         self._reader = connect(path, durability)
         self._write_thread = ThreadPoolExecutor(1, thread_name_prefix="store-writer")
         self._read_thread = ThreadPoolExecutor(1, thread_name_prefix="store-reader")
@@ -362,7 +371,7 @@ class Store:
         :meth:`acked` (see :meth:`redelivered`)."""
         batch = self._enqueue_batch
         if batch is None:
-            batch = self._enqueue_batch = _EnqueueBatch()
+            batch = self._enqueue_batch = _EnqueueBatch(now=self.clock.now())
             future = self.submit(self.op_enqueue_batch(batch), within=self.commit_window)
             batch.future = future
             # Acks sent since the last commit are forgotten in this one (no commit of
@@ -577,6 +586,9 @@ class Store:
         if self._wake is not None and self._task is not None:
             self._wake.set()
             await self._task
+        # The floor of queue time after a reboot (bridge.clock).
+        with contextlib.suppress(sqlite3.Error):
+            self._write_thread.submit(queue_clock.save, self._writer, self.clock).result()
         self._write_thread.submit(self._writer.close).result()
         self._read_thread.submit(self._reader.close).result()
         self._write_thread.shutdown()
@@ -965,7 +977,7 @@ class DueQuery:
                  sizes: dict[int, int] | None = None) -> DueRows:
         """The rows, minus those in ``skip`` (which still count towards ``limit`` and do
         not make the answer exhausted); their stored sizes go to ``sizes``."""
-        at = time.time() if self.now is None else self.now
+        at = queue_now() if self.now is None else self.now
         exclude, limit = self.exclude, self.limit
         window = limit + len(exclude)
         # Ids first, from the covering index: excluded rows (in flight, ready) are often
@@ -1190,7 +1202,7 @@ def dead_replay(conn: sqlite3.Connection, webhook: str | None = None,
                 since: float | None = None, ids: list[int] | None = None) -> int:
     """Re-queue dead letters as fresh deliveries (attempts and age start again)."""
     where, params = _dead_filter(webhook, since, ids)
-    now = time.time()
+    now = queue_clock.load(conn).now()  # queue time, as the daemon of this boot reads it
     with transaction(conn):
         cursor = conn.execute(
             "INSERT INTO deliveries (webhook, event_id, device_id, event, size, created, due)"
