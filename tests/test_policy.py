@@ -273,7 +273,7 @@ def test_batch_formation() -> None:
     assert len(form_batches(rows, batch, 1, now=200.0)[0]) == 1
     rows[2].batch_id = "bat_x"
     assert [[r.id for r in g] for g in form_batches(rows, batch, 5, now=200.0)[0]] == [[0, 1]]
-    # A wall clock stepped back an hour: the wait is never longer than max_wait.
+    # A clock behind the rows (by an hour): the wait is never longer than max_wait.
     assert form_batches(rows[6:], batch, 5, now=100.0 - 3600)[1] == 2.0
 
 
