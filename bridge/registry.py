@@ -44,6 +44,7 @@ FIRMWARE_UPDATE = "device.firmware_update"
 FirmwareKey = tuple[str, int]  # (device, Object 5 instance)
 FirmwareProgress = tuple[int | None, int | None, bool] | None  # (state, result, armed)
 
+FIRMWARE_INSTANCES = 4  # Object 5 instances tracked per device (0..3; the object has one)
 MAX_DEVICES = 50_000  # devices recorded at most, whatever the quota (memory bound)
 DEVICE_ROW_COST = 256  # bytes a device counts toward store.max_size (row, index, memory)
 DEVICE_SHARE = 8  # the registry takes at most 1/8 of store.max_size
@@ -211,6 +212,11 @@ class Registry:
         values = event.payload.get("values") if isinstance(event.payload, dict) else None
         if not isinstance(values, list):
             return
+        # Object 5 is single-instance (LwM2M 1.x): a device naming thousands of instances
+        # must not grow the tracker and its table without bound (SPEC §8).
+        values = [v for v in values if not (isinstance(v, dict) and v.get("object") == 5
+                                            and isinstance(v.get("instance"), int)
+                                            and v["instance"] >= FIRMWARE_INSTANCES)]
         instances = {v.get("instance") for v in values if isinstance(v, dict)
                      and v.get("object") == 5 and isinstance(v.get("instance"), int)}
         if not instances:

@@ -169,3 +169,17 @@ def test_a_type_longer_than_the_bound_makes_the_message_invalid(tmp_path: Path) 
     assert events[0]["decode_error"] == ("source t: the type is longer than 256 characters "
                                          "(EVENT_TYPE_MAX)")
     assert events[1]["type"] == "k" * 256
+
+
+def test_firmware_tracking_is_bounded_per_device() -> None:
+    from bridge.registry import FIRMWARE_INSTANCES
+
+    values = [{"path": f"/5/{i}/3", "object": 5, "instance": i, "resource": 3,
+               "resource_instance": None, "value": 1, "type": "integer"}
+              for i in range(1000)]
+    event = Event(type="telemetry", source="lwm2m", topic="lwm2m/d/up/notify",
+                  device_id="d", payload={"values": values},
+                  extra={"lwm2m": {"path": "/5/0/3"}})
+    _, change = Registry().observe([event])
+    assert sorted(instance for _, instance in change.firmware) == list(
+        range(FIRMWARE_INSTANCES))
