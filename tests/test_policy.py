@@ -209,6 +209,8 @@ def test_retry_after_header_forms() -> None:
     assert parse_retry_after(email.utils.formatdate(now + 10**6, usegmt=True),
                              now) == RETRY_AFTER_CAP
     assert parse_retry_after("soon") is None and parse_retry_after(None) is None
+    # An endpoint's header is hostile text: other scripts' digits are not delta-seconds.
+    assert parse_retry_after("²") is None and parse_retry_after("١٢") is None
     assert classify_response(503, {"retry-after": "12"}, "").retry_after == 12.0
 
 
