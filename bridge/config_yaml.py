@@ -839,7 +839,7 @@ def _authority_problem(parts: SplitResult) -> str | None:
 
 def listen_problem(listen: str) -> str | None:
     host, sep, port = listen.rpartition(":")
-    if (not sep or not host.strip("[]") or not port.isdigit() or len(port) > 5
+    if (not sep or not host.strip("[]") or not (port.isascii() and port.isdigit()) or len(port) > 5
             or int(port) > 65535):
         return f"invalid address {listen!r}; use host:port such as 127.0.0.1:9883 (null disables)"
     return None

@@ -258,7 +258,8 @@ class Console:
 
     async def dead_purge(self, request: web.Request) -> web.Response:
         webhook = self._webhook(request)
-        ids = [int(i) for i in request.query.getall("id", []) if i.isdigit()] or None
+        ids = [int(i) for i in request.query.getall("id", [])
+               if i.isascii() and i.isdigit()] or None
         count = await self._store(lambda conn: dead_purge(conn, webhook.name, ids=ids))
         log.info("dead letters purged via API", webhook=webhook.name, count=count)
         return web.json_response({"purged": count})

@@ -111,7 +111,7 @@ async def simulate_device(port: int, stop: asyncio.Event) -> None:
 
 def _wanted_count() -> int | None:
     text = os.environ.get(COUNT_ENV, "").strip()
-    return int(text) if text.isdigit() and int(text) > 0 else None
+    return int(text) if text.isascii() and text.isdigit() and int(text) > 0 else None
 
 
 async def _demo(directory: str) -> None:

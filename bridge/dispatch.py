@@ -126,7 +126,7 @@ class WebhookWorker:
             return None
         if (pause := self.policy.wait(self.monotonic())) > 0:
             return pause
-        now = self.clock()
+        now = self.store.clock.now()  # queue time, as the rows' `created` (batch max_wait)
         while self.capacity > 0 and not self._stopping:
             if (self._bucket is not None
                     and (wait := self._bucket.wait_time(self.monotonic())) > 0):

@@ -46,6 +46,7 @@ URL_CACHE_SIZE = 256  # URLs differ by device id; bounded so a large fleet canno
 PLAN_CACHE_SIZE = 64
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+_DIGITS = set("0123456789")  # str.isdigit() also takes "²" (latin-1 0xB2)
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}  # known tokens
 
@@ -345,7 +346,7 @@ class ResponseParser:
         status_line = lines[0]
         code = status_line[9:12]
         if (status_line[:7] != "HTTP/1." or status_line[8:9] != " " or len(code) != 3
-                or not code.isdigit() or not status_line[7:8].isdigit()
+                or not (code.isascii() and code.isdigit()) or status_line[7:8] not in _DIGITS
                 or status_line[12:13] not in ("", " ")):
             raise ProtocolError(f"bad status line {status_line[:60]!r}")
         status = int(code)

@@ -53,13 +53,6 @@ class Leases:
                 return set(self._holder)
             return {i for i, h in self._holder.items() if h is holder}
 
-    def sending(self) -> set[int]:
-        with self._lock:
-            return set(self._sending)
-
-    def is_sending(self, row_id: int) -> bool:
-        return row_id in self._sending
-
     def handoff_holder(self, webhook: str) -> Holder | None:
         return self._handoff.get(webhook)
 

@@ -10,7 +10,7 @@ fake clock (:mod:`bridge.dispatch` does the store and HTTP I/O and asks this mod
 
 Times: pauses and the rate limit run on the monotonic clock (``now`` from
 ``time.monotonic``: an NTP step of the wall clock neither stalls nor rushes a webhook).
-Only batch formation compares with stored creation times, which are wall-clock.
+Only batch formation compares with stored creation times (the store's queue clock).
 
 The backoff step rule (SPEC §5 "about 15 minutes"): after the n-th consecutive failed
 step the webhook pauses for a delay drawn uniformly from ``[c/2, c]`` ("equal jitter"),
@@ -48,7 +48,7 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # str.isdigit() also takes "²", which float() refuses
         return min(float(value), RETRY_AFTER_CAP)
     try:
         moment = email.utils.parsedate_to_datetime(value)
@@ -216,8 +216,8 @@ def form_batches(ready: Sequence[R], batch: BatchConfig, limit: int, now: float
     """Up to ``limit`` new batches from the rows at the head of ``ready`` that belong to
     no batch yet, in queue order, and how long to wait before a partial batch may go
     (None: no wait). A partial batch goes only once its oldest member has waited
-    ``max_wait`` (``now`` and ``created`` are wall-clock; a clock stepped back never
-    makes the wait longer than ``max_wait``)."""
+    ``max_wait`` (``now`` and ``created`` on the store's queue clock; should that clock
+    ever be behind a row's time, the wait is still never longer than ``max_wait``)."""
     size = batch.max_events
     fresh: list[R] = []
     for row in ready:

@@ -149,11 +149,11 @@ def no_proxy_matches(no_proxy: str, host: str, port: int) -> bool:
         if entry.startswith("["):  # [v6] or [v6]:port
             inside, _, rest = entry[1:].partition("]")
             entry = inside
-            if rest.startswith(":") and rest[1:].isdigit():
+            if rest.startswith(":") and rest[1:].isascii() and rest[1:].isdigit():
                 entry_port = int(rest[1:])
         elif entry.count(":") == 1:  # name:port or v4:port (a bare v6 has several colons)
             name, _, digits = entry.partition(":")
-            if not digits.isdigit():
+            if not (digits.isascii() and digits.isdigit()):
                 continue
             entry, entry_port = name, int(digits)
         if entry_port is not None and entry_port != port:

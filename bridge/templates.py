@@ -95,7 +95,7 @@ def lookup(context: dict[str, Any], path: tuple[str, ...]) -> Any:
     for key in path[1:]:
         if isinstance(value, dict):
             value = value.get(key, _MISSING)
-        elif isinstance(value, list) and key.isdigit() and int(key) < len(value):
+        elif isinstance(value, list) and key.isascii() and key.isdigit() and int(key) < len(value):
             value = value[int(key)]
         else:
             value = _MISSING

@@ -86,6 +86,7 @@ ADVERSARIAL: dict[str, bytes | str] = {
     "unclosed IPv6 url": "webhooks:\n  - name: w\n    url: 'https://[::1'\n",
     "bad IPv6 url": "webhooks:\n  - name: w\n    url: 'https://[zz]/x'\n",
     "port 0 url": "webhooks:\n  - name: w\n    url: 'https://a:0/x'\n",
+    "superscript port": "admin:\n  listen: '127.0.0.1:²'\n",
     "bad token url": HOOK + "    auth: {type: oauth2, token_url: 'https://[::1', client_id: a,"
                             " client_secret: b}\n",
     "python tag": "!!python/object/apply:os.system ['true']\n",

@@ -534,6 +534,8 @@ def test_parser_reads_until_close_and_flags_leftovers() -> None:
 @pytest.mark.parametrize("raw, message", [
     (b"HTTP/1.1 2x0 OK\r\n\r\n", "bad status line"),
     (b"ICY 200 OK\r\n\r\n", "bad status line"),
+    ("HTTP/1.1 ²00 OK\r\n\r\n".encode("latin-1"), "bad status line"),
+    ("HTTP/1.² 200 OK\r\n\r\n".encode("latin-1"), "bad status line"),
     (b"HTTP/1.1 200 OK\r\nNoColon\r\n\r\n", "bad header line"),
     (b"HTTP/1.1 200 OK\r\nContent-Length: 12x\r\n\r\n", "bad Content-Length"),
     (b"HTTP/1.1 200 OK\r\nContent-Length: 1, 2\r\n\r\n", "bad Content-Length"),

@@ -209,6 +209,8 @@ def test_retry_after_header_forms() -> None:
     assert parse_retry_after(email.utils.formatdate(now + 10**6, usegmt=True),
                              now) == RETRY_AFTER_CAP
     assert parse_retry_after("soon") is None and parse_retry_after(None) is None
+    # An endpoint's header is hostile text: other scripts' digits are not delta-seconds.
+    assert parse_retry_after("²") is None and parse_retry_after("١٢") is None
     assert classify_response(503, {"retry-after": "12"}, "").retry_after == 12.0
 
 
@@ -273,7 +275,7 @@ def test_batch_formation() -> None:
     assert len(form_batches(rows, batch, 1, now=200.0)[0]) == 1
     rows[2].batch_id = "bat_x"
     assert [[r.id for r in g] for g in form_batches(rows, batch, 5, now=200.0)[0]] == [[0, 1]]
-    # A wall clock stepped back an hour: the wait is never longer than max_wait.
+    # A clock behind the rows (by an hour): the wait is never longer than max_wait.
     assert form_batches(rows[6:], batch, 5, now=100.0 - 3600)[1] == 2.0
 
 
