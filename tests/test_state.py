@@ -85,6 +85,9 @@ def state_config(tmp: Path, broker: Mosquitto, endpoint: Endpoint, certs: Certif
                  admin_port: int) -> dict[str, Any]:
     config = base_config(tmp, broker, [https_webhook("w", endpoint, certs)])
     config["admin"] = {"listen": f"127.0.0.1:{admin_port}", "token": TOKEN}
+    # "Delivered at once" below is checked within a second: keep the commit window (1 s by
+    # default, for flash wear) out of that bound.
+    config["store"]["commit_window"] = "100ms"
     return config
 
 
