@@ -182,7 +182,7 @@ class StoreConfig:
     overflow: str = "drop_oldest"  # drop_oldest | backpressure
     durability: str = "power_loss"  # power_loss | process_crash
     on_damage: str = "fail"  # fail | move_aside (see store_check)
-    commit_window: float = 0.1  # seconds an enqueue may wait for company (flash wear)
+    commit_window: float = 1.0  # seconds an enqueue may wait for company (flash wear)
     dead_letters: DeadLettersConfig = field(default_factory=DeadLettersConfig)
 
 

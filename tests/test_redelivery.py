@@ -4,6 +4,7 @@ endpoint sees one delivery id. The crash is injected between the commit and the 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import urllib.request
@@ -94,10 +95,36 @@ async def test_redelivered_needs_same_packet_topic_and_digest(tmp_path: Path) ->
     finally:
         await store.close()
     reopened = Store(str(tmp_path / "queue.db"))  # entries survive a restart, acked ones not
-    assert reopened.unacked == {9: ("a/b", b"d3")}
+    assert set(reopened.unacked) == {9}
+    assert reopened.redelivered(9, "a/b", b"d3")
+    assert not reopened.redelivered(9, "a/b", b"d1")
     reopened.new_session()
     assert reopened.unacked == {}
     await reopened.start()
     await reopened.enqueue([])
     await reopened.close()
     assert Store(str(tmp_path / "queue.db")).unacked == {}
+
+
+def test_unacked_rows_are_small_and_old_rows_still_match(tmp_path: Path) -> None:
+    """A row keeps an 8-byte key, not the topic (a commit's rows stay in one page); a row
+    written by an older version (topic and 16-byte digest) still matches after an upgrade."""
+    path = str(tmp_path / "queue.db")
+    Store(path)  # creates the tables
+    with sqlite3.connect(path) as conn:
+        conn.execute("INSERT INTO unacked (mid, topic, digest) VALUES (5, 'old/topic', ?)",
+                     (b"0123456789abcdef",))
+    store = Store(path)
+    assert store.redelivered(5, "old/topic", b"0123456789abcdef")
+    assert not store.redelivered(5, "old/topic", b"0123456789abcdeX")
+
+    async def remember() -> None:
+        await store.start()
+        await store.enqueue([], ack=(6, "a/long/topic/name/of/a/sensor", b"x" * 16))
+        await store.close()
+
+    asyncio.run(remember())
+    with sqlite3.connect(path) as conn:
+        row = conn.execute("SELECT topic, length(digest) FROM unacked WHERE mid = 6").fetchone()
+    assert row == ("", 8)
+    assert Store(path).redelivered(6, "a/long/topic/name/of/a/sensor", b"x" * 16)
