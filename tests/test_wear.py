@@ -10,7 +10,14 @@ import time
 from pathlib import Path
 
 from bridge import wear
-from bridge.store import EARLY_COMMIT_ITEMS, PAGE_SIZE, NewDelivery, Store, connect
+from bridge.store import (
+    EARLY_COMMIT_BYTES,
+    EARLY_COMMIT_ITEMS,
+    PAGE_SIZE,
+    NewDelivery,
+    Store,
+    connect,
+)
 
 
 def _item(n: int) -> NewDelivery:
@@ -35,6 +42,15 @@ async def test_commit_window_groups_enqueues_and_bounds_the_wait(tmp_path: Path)
         await asyncio.wait_for(store.enqueue([_item(n) for n in range(EARLY_COMMIT_ITEMS)]),
                                2.0)
         assert time.monotonic() - started < 0.25
+        # Nor does a commit's worth of bytes (a higher rate of larger events).
+        commits = store.commits
+        started = time.monotonic()
+        half = b'"%s"' % (b"x" * (EARLY_COMMIT_BYTES // 2))
+        first = store.enqueue([NewDelivery("hook", "evt_a", None, half)])
+        assert store.commits == commits  # half of it waits for company
+        await asyncio.wait_for(store.enqueue([NewDelivery("hook", "evt_b", None, half)]), 2.0)
+        assert first.done() and time.monotonic() - started < 0.25
+        assert store.commits == commits + 1
     finally:
         await store.close()
 
