@@ -73,6 +73,7 @@ class WebhookWorker:
                         else None)
         self.task: asyncio.Task[None] | None = None
         self._stored_body = renderer.passes_stored_event
+        self._task_name = f"deliver-{self.name}"  # made once: an attempt starts per message
 
     # -- control --------------------------------------------------------------------------
 
@@ -311,7 +312,7 @@ class WebhookWorker:
         for row in rows:
             self.in_flight.add(row.id)
             self._busy_devices[row.device_id] = self._busy_devices.get(row.device_id, 0) + 1
-        task = asyncio.create_task(self._attempt(rows), name=f"deliver-{self.name}")
+        task = asyncio.create_task(self._attempt(rows), name=self._task_name)
         self._tasks.add(task)
         task.add_done_callback(self._finished)
 
