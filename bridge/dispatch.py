@@ -74,6 +74,7 @@ class WebhookWorker:
         self.task: asyncio.Task[None] | None = None
         self._stored_body = renderer.passes_stored_event
         self._task_name = f"deliver-{self.name}"  # made once: an attempt starts per message
+        self._attempt_metrics = metrics.attempts(self.name) if metrics is not None else None
 
     # -- control --------------------------------------------------------------------------
 
@@ -392,11 +393,8 @@ class WebhookWorker:
                              attempted=False)
             return False
         outcome = await self.sender.send(request, batch_id or rows[0].event_id)
-        if self.metrics is not None:
-            self.metrics.deliveries.labels(self.name, outcome.kind).inc(len(rows))
-            self.metrics.attempt_seconds.labels(self.name).observe(outcome.elapsed)
-            self.metrics.activity.record(self.name, batch_id or rows[0].event_id, outcome,
-                                         len(rows))
+        if self._attempt_metrics is not None:
+            self._attempt_metrics.record(batch_id or rows[0].event_id, outcome, len(rows))
         if outcome.kind == DELIVERED:
             self.policy.outcome(DELIVERED, counts_as_failure=False, retry_after=None,
                                 started=started, now=self.monotonic())
