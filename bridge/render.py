@@ -110,12 +110,13 @@ class Renderer:
             "Content-Type": CONTENT_TYPES[webhook.content_type],
             "User-Agent": user_agent,
         }
-        # Cached, since url() and headers() run once per message: the URL cut at its
-        # {device_id} placeholders when it has no other one, and the headers when no
-        # template has a placeholder (or None: each message fills them in).
-        self._url_pieces = _device_id_pieces(
-            (self._origin, *self._path.parts,
-             *(("?", *self._query.parts) if self._query is not None else ())))
+        # Cached, since url() and headers() run once per message: the whole URL as one
+        # template, that URL cut at its {device_id} placeholders when it has no other one,
+        # and the headers when no template has a placeholder (or None: each message fills
+        # them in).
+        self._url = Template((self._origin, *self._path.parts,
+                              *(("?", *self._query.parts) if self._query is not None else ())))
+        self._url_pieces = _device_id_pieces(self._url.parts)
         self._fixed_headers: dict[str, str] | None = None
         if all(t.is_literal for t in self._headers.values()):
             try:
@@ -131,10 +132,7 @@ class Renderer:
             device_id = context.get("device_id")
             if isinstance(device_id, str):  # else lookup() says what is missing
                 return encode_url_value(device_id).join(pieces)
-        url = self._origin + self._path.render(context, encode_url_value)
-        if self._query is not None:
-            url += "?" + self._query.render(context, encode_url_value)
-        return url
+        return self._url.render(context, encode_url_value)
 
     def headers(self, context: dict[str, Any]) -> dict[str, str]:
         if self._fixed_headers is not None:

@@ -4,6 +4,7 @@ the attempt metrics. Each shortcut must give exactly what the general path gives
 
 from __future__ import annotations
 
+import re
 import urllib.parse
 from typing import Any
 
@@ -16,7 +17,7 @@ from bridge.config import AuthConfig, WebhookConfig
 from bridge.delivery import USER_AGENT, Outcome, Sender
 from bridge.metrics import Metrics
 from bridge.render import Renderer, RenderError, encode_url_value
-from bridge.templates import compile_template
+from bridge.templates import TemplateError, compile_template
 
 
 def reference_encode(text: str) -> str:
@@ -212,3 +213,20 @@ def test_an_attempt_is_read_only() -> None:
     attempt = Attempt(1.0, "evt_1", 1, "delivered", 200, 3, "", None)
     with pytest.raises(AttributeError):
         attempt.status = 500  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("url", ["https://h.example/{labels.site}/{device_id}?t={type}&x=1",
+                                 "https://h.example/a{payload.n}b?{payload.s}",
+                                 "https://h.example:81/{payload.s}"])
+def test_a_general_url_is_the_templates_url(url: str) -> None:
+    renderer = Renderer(WebhookConfig(name="w", url=url), USER_AGENT)
+    context = {"device_id": "d/1", "type": "alarm", "labels": {"site": "s 1"},
+               "payload": {"n": 1.5, "s": "é?&"}}
+    assert renderer.url(context) == general_url(renderer, context)
+    # A value missing: the same error as the templates one by one.
+    missing = {"device_id": "d", "type": "t", "labels": {}, "payload": {}}
+    with pytest.raises(TemplateError) as error:
+        renderer.url(missing)
+    with pytest.raises(TemplateError, match=f"^{re.escape(str(error.value))}$"):
+        general_url(renderer, missing)
+    assert str(error.value).startswith("the event has no value for {")
