@@ -77,6 +77,9 @@ class Ingest:
         self._held: deque[_Held] = deque()
         self._commit_group: _CommitGroup | None = None
         self.unrouted = UnroutedInvalid(metrics)
+        # Set when a message registered or updated an LwM2M lifetime (the daemon's
+        # expiry timer then looks at the new deadline).
+        self.lifetimes_changed = asyncio.Event()
         metrics.set_known_types(_configured_types(decoders, rules))
 
     def reconfigure(self, decoders: list[SourceDecoder], rules: RuleSet) -> None:
@@ -112,6 +115,8 @@ class Ingest:
             events, change = self.registry.observe(events)
             if change is not None and change.seen:
                 self.sync_quota()
+            if change.registered:
+                self.lifetimes_changed.set()
             if self.registry.unrecorded != self._unrecorded:
                 self._registry_full()
             items = self.route(events)
