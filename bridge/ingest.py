@@ -113,10 +113,11 @@ class Ingest:
         try:
             events = self.decode(message)
             events, change = self.registry.observe(events)
-            if change is not None and change.seen:
-                self.sync_quota()
-            if change.registered:
-                self.lifetimes_changed.set()
+            if change is not None:  # None: nothing to record (a known device's event)
+                if change.seen:
+                    self.sync_quota()
+                if change.registered:
+                    self.lifetimes_changed.set()
             if self.registry.unrecorded != self._unrecorded:
                 self._registry_full()
             items = self.route(events)
