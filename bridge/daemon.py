@@ -52,7 +52,8 @@ from .wear import WearMeter
 log = structlog.get_logger("bridge.daemon")
 
 POLL = 1.0  # seconds: how soon a change to a file takes effect
-FOLLOW = 0.2  # seconds: how soon a change a CLI command made to the store takes effect
+# Seconds between two looks at the registrations' deadlines when none is due sooner.
+LIFETIME_RECHECK = 60.0
 PRUNE_EVERY = 10.0  # seconds between two checks of the dead letters' bound
 DRAIN_GRACE = 30.0
 CLOCK_STEP = 2.0  # seconds: a larger change of wall minus queue time is a clock step
@@ -121,7 +122,8 @@ class Bridge:
         self.broker: Any = None
         self.admin: Any = None
         self.notifier: Any = None
-        self.source = MqttSource(config.mqtt, self._filters(), self.ingest.take)
+        self.source = MqttSource(config.mqtt, self._filters(), self.ingest.take,
+                                 pace=self.store.intake_pace)
         self.source.on_connected = self.metrics.mqtt_connects.inc
         # Redelivery (SPEC §5): the store remembers committed packet ids until acked.
         self.source.on_acked = self.store.acked
@@ -212,7 +214,6 @@ class Bridge:
             if webhook.enabled:
                 self._start_worker(webhook, states.get(webhook.name, {}))
         self._tasks.append(asyncio.create_task(self._watch(), name="watch"))
-        self._tasks.append(asyncio.create_task(self._follow(), name="follow"))
         self._tasks.append(asyncio.create_task(self.ingest.release_held(),
                                                name="backpressure"))
         self._tasks.append(asyncio.create_task(self._expire_registrations(),
@@ -300,8 +301,10 @@ class Bridge:
         await self._publish_state(name, state, reason, version)
 
     async def _watch(self) -> None:
-        """Once a second: record the attempts in flight for ``status``, keep the dead
-        letters within their bound, and reload when a config file changed."""
+        """Once a second: follow what CLI commands changed in the store, record the
+        attempts in flight for ``status``, keep the dead letters within their bound, and
+        reload when a config file changed. One timer for all of it: on a small gateway
+        every wake-up of an idle process costs more than the work it does."""
         pruned_at = 0.0
         while True:
             await asyncio.sleep(POLL)
@@ -309,6 +312,7 @@ class Bridge:
                 if time.monotonic() - pruned_at >= PRUNE_EVERY:
                     pruned_at = time.monotonic()
                     await self.prune_dead_letters()
+                await self._follow_store()
                 await self._record_in_flight()
                 self._record_wear()
                 if self._config_files() != self._files_seen:
@@ -329,17 +333,10 @@ class Bridge:
                         deleted=pruned, max_age_s=bound.max_age, max_size=bound.max_size,
                         fix="replay or purge dead letters sooner, or raise the bound")
 
-    async def _follow(self) -> None:
-        """Follow what CLI commands change in the store, within FOLLOW seconds."""
-        while True:
-            await asyncio.sleep(FOLLOW)
-            try:
-                await self._follow_store()
-            except Exception as exc:  # keep following whatever happens
-                log.error("following the store failed", cause=f"{type(exc).__name__}: {exc}")
-
     async def _follow_store(self) -> None:
-        generation = await self.store.read(Store.q_generation)
+        """Apply what CLI commands changed in the store (webhook states, replayed dead
+        letters, deleted devices): they bump its generation."""
+        generation = self.store.generation()
         if generation == self._generation:
             return
         self._generation = generation
@@ -359,11 +356,16 @@ class Bridge:
                 worker.resync()  # dead letters replayed by a command are due now
 
     async def _expire_registrations(self) -> None:
-        """LwM2M registrations whose lifetime passed with no update: deregistered."""
+        """LwM2M registrations whose lifetime passed with no update: deregistered. Sleeps
+        until the next deadline (looking again at least once a minute, for wall-clock
+        steps), or, with no registration, until one arrives."""
         while True:
+            self.ingest.lifetimes_changed.clear()
             deadline = self.registry.next_deadline()
-            delay = POLL if deadline is None else min(max(deadline - time.time(), 0.0), POLL)
-            await asyncio.sleep(delay)
+            delay = None if deadline is None else min(max(deadline - time.time(), 0.0),
+                                                      LIFETIME_RECHECK)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.ingest.lifetimes_changed.wait(), delay)
             events, change = self.registry.expire(time.time())
             if events:
                 await self.ingest.enqueue_events(events, change)

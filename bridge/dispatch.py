@@ -73,6 +73,10 @@ class WebhookWorker:
                         else None)
         self.task: asyncio.Task[None] | None = None
         self._stored_body = renderer.passes_stored_event
+        self._task_name = f"deliver-{self.name}"  # made once: an attempt starts per message
+        # Delivered rows by the commit of their delivered mark (see _marks_committed).
+        self._marked: dict[asyncio.Future[Any], list[Delivery]] = {}
+        self._attempt_metrics = metrics.attempts(self.name) if metrics is not None else None
 
     # -- control --------------------------------------------------------------------------
 
@@ -311,7 +315,7 @@ class WebhookWorker:
         for row in rows:
             self.in_flight.add(row.id)
             self._busy_devices[row.device_id] = self._busy_devices.get(row.device_id, 0) + 1
-        task = asyncio.create_task(self._attempt(rows), name=f"deliver-{self.name}")
+        task = asyncio.create_task(self._attempt(rows), name=self._task_name)
         self._tasks.add(task)
         task.add_done_callback(self._finished)
 
@@ -332,9 +336,26 @@ class WebhookWorker:
                 # Delivered: the request slot and the device (for `ordered`) are free
                 # now; the rows stay out of every query until their deletion commits.
                 self._free_devices(rows)
-                result.add_done_callback(lambda _: self._release(rows, False, False))
+                # Every delivered mark of one commit shares its future: one callback per
+                # commit, not one per message.
+                waiting = self._marked.get(result)
+                if waiting is None:
+                    waiting = self._marked[result] = []
+                    result.add_done_callback(self._marks_committed)
+                waiting.extend(rows)
             else:
                 self._release(rows, result)
+
+    def _marks_committed(self, commit: asyncio.Future[Any]) -> None:
+        """The delivered marks of one commit are done: their rows may be queried again
+        (they are gone). The commit ended their leases; if it failed (the store closed),
+        give them back."""
+        rows = self._marked.pop(commit, [])
+        for row in rows:
+            self.in_flight.discard(row.id)
+        if commit.cancelled() or commit.exception() is not None:
+            self.store.release(self, [r.id for r in rows])
+        self.wake()
 
     def _free_devices(self, rows: list[Delivery]) -> None:
         for row in rows:
@@ -344,15 +365,13 @@ class WebhookWorker:
             else:
                 self._busy_devices.pop(row.device_id, None)
 
-    def _release(self, rows: list[Delivery], still_queued: bool, devices: bool = True
-                 ) -> None:
+    def _release(self, rows: list[Delivery], still_queued: bool) -> None:
         for row in rows:
             self.in_flight.discard(row.id)
         # The store took the leases back with the outcome's commit; after a crash of the
         # attempt there was none, so give them back here (a no-op otherwise).
         self.store.release(self, [r.id for r in rows])
-        if devices:
-            self._free_devices(rows)
+        self._free_devices(rows)
         if still_queued:
             # Rows fetched while these were in flight may be younger deliveries of the
             # same devices: they must not overtake the retry.
@@ -391,11 +410,8 @@ class WebhookWorker:
                              attempted=False)
             return False
         outcome = await self.sender.send(request, batch_id or rows[0].event_id)
-        if self.metrics is not None:
-            self.metrics.deliveries.labels(self.name, outcome.kind).inc(len(rows))
-            self.metrics.attempt_seconds.labels(self.name).observe(outcome.elapsed)
-            self.metrics.activity.record(self.name, batch_id or rows[0].event_id, outcome,
-                                         len(rows))
+        if self._attempt_metrics is not None:
+            self._attempt_metrics.record(batch_id or rows[0].event_id, outcome, len(rows))
         if outcome.kind == DELIVERED:
             self.policy.outcome(DELIVERED, counts_as_failure=False, retry_after=None,
                                 started=started, now=self.monotonic())

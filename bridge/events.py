@@ -13,6 +13,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 try:
@@ -28,32 +29,49 @@ INVALID = "invalid"
 class _Ulid:
     """Monotonic ULID generator (a second id in the same ms increments the random part)."""
 
+    POOL = 64  # random parts fetched per getrandom() call: one system call per 64 ids
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._last_ms = -1
         self._last_rand = 0
+        self._pool = b""  # POOL random parts of 10 bytes, taken in order
+        self._taken = 0
 
-    def new(self, now_ms: int | None = None) -> str:
+    def new(self, now_ms: int | None = None, prefix: str = "") -> str:
+        """``prefix`` + a ULID (the prefix joins the one concatenation: no second call)."""
         ms = int(time.time() * 1000) if now_ms is None else now_ms
         with self._lock:
             if ms <= self._last_ms:
                 ms = self._last_ms
                 rand = self._last_rand + 1
             else:
-                rand = int.from_bytes(os.urandom(10), "big") >> 1  # room to increment
+                taken = self._taken
+                if taken >= len(self._pool):
+                    self._pool, taken = os.urandom(10 * self.POOL), 0
+                self._taken = taken + 10
+                # 80 random bits, halved: room to increment.
+                rand = int.from_bytes(self._pool[taken:taken + 10], "big") >> 1
             self._last_ms, self._last_rand = ms, rand
         # 48-bit time then 80-bit random part, 10 bits (two characters) at a time.
         pairs = _PAIRS
-        return (_CROCKFORD[ms >> 45] + pairs[(ms >> 35) & 1023] + pairs[(ms >> 25) & 1023]
-                + pairs[(ms >> 15) & 1023] + pairs[(ms >> 5) & 1023]
-                + pairs[((ms & 31) << 5) | (rand >> 75)]
+        return (prefix + _CROCKFORD[ms >> 45] + pairs[(ms >> 35) & 1023]
+                + pairs[(ms >> 25) & 1023] + pairs[(ms >> 15) & 1023]
+                + pairs[(ms >> 5) & 1023] + pairs[((ms & 31) << 5) | (rand >> 75)]
                 + pairs[(rand >> 65) & 1023] + pairs[(rand >> 55) & 1023]
                 + pairs[(rand >> 45) & 1023] + pairs[(rand >> 35) & 1023]
                 + pairs[(rand >> 25) & 1023] + pairs[(rand >> 15) & 1023]
                 + pairs[(rand >> 5) & 1023] + _CROCKFORD[rand & 31])
 
+    def forget_pool(self) -> None:
+        """A forked child must not make the ids its parent makes from the same bytes."""
+        self._pool, self._taken = b"", 0
+
 
 _ulid = _Ulid()
+os.register_at_fork(after_in_child=_ulid.forget_pool)
+# Event ids: one Python call per event (the dataclass's default factory).
+_new_event_id = partial(_ulid.new, None, "evt_")
 
 
 def dumps(value: Any) -> bytes:
@@ -69,7 +87,7 @@ def dumps(value: Any) -> bytes:
 
 def new_id(prefix: str = "evt_") -> str:
     """A unique, time-sortable id such as ``evt_01JD7X4Q3V5ZK8...``."""
-    return prefix + _ulid.new()
+    return _ulid.new(None, prefix)
 
 
 def iso_now(ts: float | None = None) -> str:
@@ -97,7 +115,7 @@ class Event:
     payload: Any = None
     device_id: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
-    id: str = field(default_factory=new_id)
+    id: str = field(default_factory=_new_event_id)
     received_at: str = field(default_factory=iso_now)
     payload_raw: bytes | None = None
     decode_error: str | None = None
@@ -130,7 +148,8 @@ class Event:
             "received_at": self.received_at,
             "labels": self.labels,
         }
-        body.update(self.extra)
+        if self.extra:
+            body.update(self.extra)
         if self.decode_error is not None:
             if self.payload_size is not None:
                 body["payload_size"] = self.payload_size

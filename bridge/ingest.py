@@ -77,6 +77,9 @@ class Ingest:
         self._held: deque[_Held] = deque()
         self._commit_group: _CommitGroup | None = None
         self.unrouted = UnroutedInvalid(metrics)
+        # Set when a message registered or updated an LwM2M lifetime (the daemon's
+        # expiry timer then looks at the new deadline).
+        self.lifetimes_changed = asyncio.Event()
         metrics.set_known_types(_configured_types(decoders, rules))
 
     def reconfigure(self, decoders: list[SourceDecoder], rules: RuleSet) -> None:
@@ -110,8 +113,11 @@ class Ingest:
         try:
             events = self.decode(message)
             events, change = self.registry.observe(events)
-            if change.seen:
-                self.sync_quota()
+            if change is not None:  # None: nothing to record (a known device's event)
+                if change.seen:
+                    self.sync_quota()
+                if change.registered:
+                    self.lifetimes_changed.set()
             if self.registry.unrecorded != self._unrecorded:
                 self._registry_full()
             items = self.route(events)
@@ -159,13 +165,17 @@ class Ingest:
     # -- the steps ----------------------------------------------------------------------
 
     def decode(self, message: Message) -> list[Event]:
-        events: list[Event] = []
+        events: list[Event] | None = None
+        topic = message.topic
         for decoder in self.decoders:
-            captures = decoder.topic.match(message.topic)
+            captures = decoder.topic.match(topic)
             if captures is not None:
-                events.extend(decoder.events(message.topic, message.payload, captures,
-                                             message.oversize))
-        return events
+                found = decoder.events(topic, message.payload, captures, message.oversize)
+                if events is None:
+                    events = found  # a new list: the common case of one matching source
+                else:
+                    events.extend(found)
+        return [] if events is None else events
 
     def route(self, events: list[Event]) -> list[NewDelivery]:
         """One delivery per event and matching webhook, carrying the event's JSON (the
@@ -179,14 +189,15 @@ class Ingest:
                     self.unrouted.add(event)
                 continue
             body = dumps(event.body())
-            items.extend(NewDelivery(n, event.id, event.device_id, body) for n in names)
+            for name in names:
+                items.append(NewDelivery(name, event.id, event.device_id, body))
         return items
 
     # -- enqueue and backpressure ---------------------------------------------------------
 
     def queue(self, items: list[NewDelivery], change: DeviceChange | None,
               ack: tuple[int, str, bytes] | None = None) -> asyncio.Future[Any]:
-        size = sum(len(i.event) + ROW_OVERHEAD for i in items)
+        size = _size(items)
         if self._held or (items and self.backpressure and not self.store.has_room(size)
                           and self._queue_in_use()):
             return self._hold(items, size, change, ack)
@@ -196,7 +207,7 @@ class Ingest:
                        ) -> asyncio.Future[Any]:
         """Queue events no message carries (registrations that expired)."""
         items = self.route(events)
-        return self._enqueue(items, sum(len(i.event) + ROW_OVERHEAD for i in items), change)
+        return self._enqueue(items, _size(items), change)
 
     def _queue_in_use(self) -> bool:
         return bool(self.store.bytes_queued or self.store.bytes_pending)
@@ -290,6 +301,14 @@ class UnroutedInvalid:
                     decode_error=(event.decode_error or "")[:200],
                     fix="add a webhook with events: [invalid] to keep them, or fix the "
                         "device or the source's format")
+
+
+def _size(items: list[NewDelivery]) -> int:
+    """What ``items`` count toward ``store.max_size``."""
+    size = 0
+    for item in items:  # a loop, not sum() of a generator: this runs once per message
+        size += len(item.event)
+    return size + ROW_OVERHEAD * len(items)
 
 
 def _configured_types(decoders: list[SourceDecoder], rules: RuleSet) -> set[str]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import platform
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CollectorRegistry,
@@ -28,6 +29,9 @@ from prometheus_client import (
 
 from . import __version__
 from .attempts import Activity
+
+if TYPE_CHECKING:
+    from .delivery import Outcome
 
 STATES = ("ENABLED", "DISABLED", "DISABLED_DUE_TO_ERRORS")
 SPEC_TYPES = frozenset({
@@ -134,6 +138,15 @@ class Metrics:
         self.known_types: frozenset[str] = SPEC_TYPES
         self._dynamic_types: set[str] = set()
         self._event_counters: dict[tuple[str, str], Counter] = {}
+        self._attempt_metrics: dict[str, AttemptMetrics] = {}
+
+    def attempts(self, webhook: str) -> AttemptMetrics:
+        """What records ``webhook``'s attempts (the same object for the same name): a
+        worker takes it once and calls :meth:`AttemptMetrics.record` per attempt."""
+        recorder = self._attempt_metrics.get(webhook)
+        if recorder is None:
+            recorder = self._attempt_metrics[webhook] = AttemptMetrics(self, webhook)
+        return recorder
 
     def set_known_types(self, types: set[str]) -> None:
         """Types the configuration names (fixed source types, ``type_map`` values,
@@ -158,6 +171,7 @@ class Metrics:
 
     def forget(self, webhook: str) -> None:
         """Drop a removed webhook's gauges (its counters stay: Prometheus expects that)."""
+        self._attempt_metrics.pop(webhook, None)
         for gauge in (self.queue_depth, self.dead_letters, self.oldest_queued):
             with contextlib.suppress(KeyError):
                 gauge.remove(webhook)
@@ -168,3 +182,34 @@ class Metrics:
     def set_state(self, webhook: str, state: str) -> None:
         for candidate in STATES:
             self.webhook_state.labels(webhook, candidate).set(1 if candidate == state else 0)
+
+
+class AttemptMetrics:
+    """One webhook's attempt metrics: the delivery counter by outcome, the attempt
+    duration histogram and the console's :class:`Activity`. The Prometheus children are
+    looked up once (``labels()`` takes a lock and builds a key, and this runs once per
+    attempt), each at its first use, so a series appears with the first attempt as
+    before."""
+
+    __slots__ = ("_activity", "_counters", "_deliveries", "_histogram", "_seconds", "name")
+
+    def __init__(self, metrics: Metrics, webhook: str) -> None:
+        self.name = webhook
+        self._deliveries = metrics.deliveries
+        self._histogram = metrics.attempt_seconds
+        self._activity = metrics.activity
+        self._counters: dict[str, Counter] = {}  # by Outcome.kind: at most 4
+        self._seconds: Histogram | None = None
+
+    def record(self, event_id: str, outcome: Outcome, events: int = 1) -> None:
+        """One attempt that carried ``events`` events (``event_id``: the webhook-id sent)."""
+        kind = outcome.kind
+        counter = self._counters.get(kind)
+        if counter is None:
+            counter = self._counters[kind] = self._deliveries.labels(self.name, kind)
+        counter.inc(events)
+        seconds = self._seconds
+        if seconds is None:
+            seconds = self._seconds = self._histogram.labels(self.name)
+        seconds.observe(outcome.elapsed)
+        self._activity.record(self.name, event_id, outcome, events)

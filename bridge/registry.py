@@ -151,18 +151,21 @@ class Registry:
             for (device, instance), saved in change.firmware_before.items():
                 self.firmware.restore(device, instance, saved)
 
-    def observe(self, events: list[Event]) -> tuple[list[Event], DeviceChange]:
-        """The events plus the lifecycle events they imply, and the registry change."""
+    def observe(self, events: list[Event]) -> tuple[list[Event], DeviceChange | None]:
+        """The events plus the lifecycle events they imply, and the registry change (None
+        when the message changed nothing to record: a known device's plain event)."""
         with self._lock:
             out, change = self._observe(events)
-            if change.seen:
+            if change is not None and change.seen:
                 if len(self._unsettled) > 32:
                     self._unsettled = [c for c in self._unsettled if not c.applied]
                 self._unsettled.append(change)
             return out, change
 
-    def _observe(self, events: list[Event]) -> tuple[list[Event], DeviceChange]:
-        change = DeviceChange()
+    def _observe(self, events: list[Event]) -> tuple[list[Event], DeviceChange | None]:
+        # The change is made only when something is to be recorded: most messages come
+        # from known devices with plain events, and need none.
+        change: DeviceChange | None = None
         out: list[Event] = []
         now = time.time()
         for event in events:
@@ -173,6 +176,8 @@ class Registry:
                     out.append(event)
                     continue
                 self.known.add(device)
+                if change is None:
+                    change = DeviceChange()
                 change.seen[device] = (event.source, event.topic)
                 created = _derived(event, CREATED, {"device_id": device,
                                                     "source": event.source})
@@ -186,10 +191,14 @@ class Registry:
             if not device:
                 continue
             if event.type == "telemetry" and "lwm2m" in event.extra:
+                if change is None:
+                    change = DeviceChange()
                 self._firmware(event, device, change, out)
             self.sources[device] = (event.source, event.topic)
             self.labels[device] = event.labels
             if event.type in (REGISTRATION, REGISTRATION_UPDATE):
+                if change is None:
+                    change = DeviceChange()
                 lifetime = _lifetime(event.payload)
                 if event.type == REGISTRATION or device not in self.lifetimes:
                     self.lifetimes.register(device, lifetime, now)
@@ -201,6 +210,8 @@ class Registry:
                     change.first_registered.add(device)
                     out.append(_derived(event, FIRST_REGISTRATION, event.payload))
             elif event.type == DEREGISTRATION:
+                if change is None:
+                    change = DeviceChange()
                 self.lifetimes.deregister(device)
                 change.deregistered.add(device)
         return out, change

@@ -37,10 +37,16 @@ class Request:
     body: bytes = b""
 
 
+# What urllib.parse.quote(safe="") leaves as it is (RFC 3986 unreserved characters).
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-~")
+
+
 def encode_url_value(text: str) -> str:
     """Percent-encode one placeholder value so it stays inside one path level or query
     value: ``/``, ``?``, ``#``, ``@``, ``%`` and the like are all encoded, and a value that
     is only dots (``.``/``..``) is encoded too so it can never be a relative path step."""
+    if _UNRESERVED.issuperset(text) and text.strip("."):
+        return text  # nothing to encode (a device id, most often): quote's 3 calls saved
     encoded = urllib.parse.quote(text, safe="")
     if encoded and set(encoded) == {"."}:
         encoded = encoded.replace(".", "%2E")
@@ -104,14 +110,33 @@ class Renderer:
             "Content-Type": CONTENT_TYPES[webhook.content_type],
             "User-Agent": user_agent,
         }
+        # Cached, since url() and headers() run once per message: the whole URL as one
+        # template, that URL cut at its {device_id} placeholders when it has no other one,
+        # and the headers when no template has a placeholder (or None: each message fills
+        # them in).
+        self._url = Template((self._origin, *self._path.parts,
+                              *(("?", *self._query.parts) if self._query is not None else ())))
+        self._url_pieces = _device_id_pieces(self._url.parts)
+        self._fixed_headers: dict[str, str] | None = None
+        if all(t.is_literal for t in self._headers.values()):
+            try:
+                self._fixed_headers = self.headers({})
+            except RenderError:
+                pass  # refused for every message, by headers()
 
     def url(self, context: dict[str, Any]) -> str:
-        url = self._origin + self._path.render(context, encode_url_value)
-        if self._query is not None:
-            url += "?" + self._query.render(context, encode_url_value)
-        return url
+        pieces = self._url_pieces
+        if pieces is not None:
+            if len(pieces) == 1:
+                return pieces[0]  # no placeholder at all
+            device_id = context.get("device_id")
+            if isinstance(device_id, str):  # else lookup() says what is missing
+                return encode_url_value(device_id).join(pieces)
+        return self._url.render(context, encode_url_value)
 
     def headers(self, context: dict[str, Any]) -> dict[str, str]:
+        if self._fixed_headers is not None:
+            return dict(self._fixed_headers)  # a copy: each request owns its headers
         headers = dict(self._static_headers)
         for name, template in self._headers.items():
             value = template.render(context)
@@ -211,6 +236,21 @@ class Renderer:
         except TemplateError as exc:
             raise RenderError(str(exc)) from None
         return Request(self.webhook.method, url, headers, body)
+
+
+def _device_id_pieces(parts: tuple[str | tuple[str, ...], ...]) -> list[str] | None:
+    """The literal text between the ``{device_id}`` placeholders of ``parts`` (a template's
+    parts), so that ``encoded_id.join(pieces)`` fills them all; None when another
+    placeholder is among them."""
+    pieces = [""]
+    for part in parts:
+        if isinstance(part, str):
+            pieces[-1] += part
+        elif part == ("device_id",):
+            pieces.append("")
+        else:
+            return None
+    return pieces
 
 
 _ITEM_IDS = frozenset({"id", "event_id"})

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import jmespath
@@ -39,6 +40,9 @@ class Rule:
         self.fleets = frozenset(webhook.fleets) if webhook.fleets is not None else None
         self.tags = frozenset(webhook.tags) if webhook.tags is not None else None
         self.filter = jmespath.compile(webhook.filter) if webhook.filter else None
+        # Whether the answer depends on the event's source and type alone.
+        self.by_type_only = (self.channel is None and self.fleets is None
+                             and self.tags is None and self.filter is None)
 
     def matches(self, event: Event, envelope: dict[str, Any] | None = None) -> bool:
         if self.sources is not None and event.source not in self.sources:
@@ -70,10 +74,25 @@ class Rule:
 class RuleSet:
     """All enabled webhooks' rules; ``match`` names the webhooks an event goes to."""
 
+    KEPT = 1024  # (source, type) answers kept at most: a type may come from a payload
+
     def __init__(self, webhooks: tuple[WebhookConfig, ...]) -> None:
         self.rules = [Rule(w) for w in webhooks]
         self._any_filter = any(r.filter is not None for r in self.rules)
+        # When no rule looks further than the event's source and type (the usual case),
+        # the answer for a (source, type) pair is worked out once, not per message.
+        self._answers: dict[tuple[str, str], tuple[str, ...]] | None = (
+            {} if all(r.by_type_only for r in self.rules) else None)
 
-    def match(self, event: Event) -> list[str]:
-        envelope = event.body() if self._any_filter else None
-        return [r.name for r in self.rules if r.matches(event, envelope)]
+    def match(self, event: Event) -> Sequence[str]:
+        answers = self._answers
+        if answers is None:
+            envelope = event.body() if self._any_filter else None
+            return [r.name for r in self.rules if r.matches(event, envelope)]
+        key = (event.source, event.type)
+        names = answers.get(key)
+        if names is None:
+            names = tuple(r.name for r in self.rules if r.matches(event))
+            if len(answers) < self.KEPT:
+                answers[key] = names
+        return names

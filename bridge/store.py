@@ -45,6 +45,10 @@ ROW_OVERHEAD = 96  # bytes a delivery row costs beyond its event JSON (ids, time
 ID_BLOCK = 1024
 # How long a delivered mark may wait for another operation to share its commit.
 DELIVERED_COMMIT_DELAY = 0.05
+# The share of the commit window the MQTT intake may spend gathering messages into fewer
+# socket reads (Connection.pace); the store waits the rest from the first enqueue, so an
+# ack still waits at most the window after its message reached our socket.
+INTAKE_SHARE = 0.25
 PAGE_SIZE = 1024
 # Enqueues of this many deliveries, or of this many bytes, commit at once without waiting
 # for the window: a commit this full already spreads its fixed pages (the page header,
@@ -294,6 +298,7 @@ class Store:
         # An enqueue waits up to this long for company before its commit (fewer commits,
         # fewer pages written per message at low rates; acks wait that much longer).
         self.commit_window = commit_window
+        self.intake_pace = commit_window * INTAKE_SHARE
         self.durability = durability
         self.max_size = max_size  # 0 = no quota
         self.overflow = overflow
@@ -305,6 +310,11 @@ class Store:
         global queue_now
         queue_now = self.clock.now
         self._reader = connect(path, durability)
+        # Used on the event loop's thread, only by :meth:`generation` (see there).
+        self._watcher = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
+                                        timeout=1.0)
+        self._data_version: int | None = None
+        self._generation: str | None = None
         self._write_thread = ThreadPoolExecutor(1, thread_name_prefix="store-writer")
         self._read_thread = ThreadPoolExecutor(1, thread_name_prefix="store-reader")
         self._pending: list[tuple[Operation, asyncio.Future[Any]]] = []
@@ -393,7 +403,8 @@ class Store:
         batch = self._enqueue_batch
         if batch is None:
             batch = self._enqueue_batch = _EnqueueBatch(now=self.clock.now())
-            future = self.submit(self.op_enqueue_batch(batch), within=self.commit_window)
+            future = self.submit(self.op_enqueue_batch(batch),
+                                 within=self.commit_window - self.intake_pace)
             batch.future = future
             # Acks sent since the last commit are forgotten in this one (no commit of
             # their own: a forgotten entry costs nothing until its packet id returns).
@@ -468,6 +479,19 @@ class Store:
         if self.unacked:
             self.unacked.clear()
             self._forget_all = True
+
+    def generation(self) -> str | None:
+        """The generation CLI commands bump when they change the store (see
+        :func:`bump_generation`), read on the event loop's own thread because it is asked
+        several times a second for the bridge's whole life: ``PRAGMA data_version`` costs
+        microseconds and no I/O, and changes only when a commit was made on another
+        connection (ours included) since the last call; the meta row is read only then.
+        A thread round trip per call cost more CPU at idle than everything else."""
+        version = self._watcher.execute("PRAGMA data_version").fetchone()[0]
+        if version != self._data_version:
+            self._data_version = version
+            self._generation = self.q_generation(self._watcher)
+        return self._generation
 
     async def read(self, query: Callable[[sqlite3.Connection], T]) -> T:
         loop = asyncio.get_running_loop()
@@ -615,6 +639,7 @@ class Store:
             self._write_thread.submit(queue_clock.save, self._writer, self.clock).result()
         self._write_thread.submit(self._writer.close).result()
         self._read_thread.submit(self._reader.close).result()
+        self._watcher.close()
         self._write_thread.shutdown()
         self._read_thread.shutdown()
 

@@ -341,3 +341,75 @@ async def test_a_connection_dropped_at_once_does_not_reset_the_backoff(
         await source.stop()
         task.cancel()
         await broker.stop()
+
+
+async def test_the_first_reconnects_are_fast() -> None:
+    """A broker that restarts is back within a second, and what is published before we
+    subscribe again may be lost (a broker killed before it saved our session): the first
+    attempt waits 0.1-0.2 s, then the wait doubles (jittered down to half)."""
+    from bridge.config import MQTTConfig
+    from bridge.sources import mqtt
+
+    broker = await DroppingBroker([]).start()
+    waits: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def sleep(delay: float, *args: object) -> None:
+        if delay >= 0.05:  # the reconnect wait (the source sleeps for nothing else)
+            waits.append(delay)
+            delay = 0
+        await real_sleep(delay)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(mqtt.asyncio, "sleep", sleep)
+        source = mqtt.MqttSource(MQTTConfig(port=broker.port, client_id="c"), [("t/#", 1)],
+                                 lambda message: asyncio.get_running_loop().create_future())
+        task = source.start()
+        try:
+            await wait_for(lambda: len(waits) >= 4, 20, "four reconnects")
+        finally:
+            await source.stop()
+            task.cancel()
+            await broker.stop()
+    for attempt, wait in enumerate(waits[:4]):
+        nominal = mqtt.FIRST_RETRY * 2 ** attempt
+        assert nominal / 2 <= wait <= nominal, (attempt, waits)
+    assert waits[0] <= 0.2
+
+
+@pytest.mark.parametrize("pace", [0.0, 0.3], ids=["unpaced", "paced"])
+async def test_a_paced_connection_takes_a_trickle_in_one_read(
+        mosquitto: Mosquitto, pace: float) -> None:
+    """At a low rate every message would cost the process a wake-up of its own: a paced
+    connection rests after a small read and takes what arrived meanwhile in one read."""
+    loop = asyncio.get_running_loop()
+    seen: list[tuple[str, float]] = []
+
+    def on_publish(topic: str, payload: bytes, qos: int, retain: bool, mid: int,
+                   oversize: int | None) -> None:
+        seen.append((topic, loop.time()))
+
+    connection, _ = await open_connection(
+        "127.0.0.1", mosquitto.port, ssl_context=None, client_id="paced", v5=True,
+        keepalive=30, clean_start=True, username=None, password=None, session_expiry=0,
+        receive_maximum=100, on_publish=on_publish)
+    await connection.subscribe([("p/#", 0)])
+    connection.pace = pace
+    publisher = Publisher(mosquitto.port, client_id="paced-publisher")
+    try:
+        publisher.publish("p/0", b"0", qos=0)
+        await wait_for(lambda: len(seen) == 1, 10, "the first message")
+        for n in range(1, 5):  # a trickle: 4 messages 30 ms apart (the stimulus)
+            await asyncio.sleep(0.03)
+            publisher.publish(f"p/{n}", b"n", qos=0)
+        await wait_for(lambda: len(seen) == 5, 10, "the trickle")
+    finally:
+        publisher.close()
+        connection.disconnect()
+    assert [topic for topic, _ in seen] == [f"p/{n}" for n in range(5)]
+    times = [t for _, t in seen]
+    if pace:
+        assert times[1] - times[0] >= pace - 0.01  # rested after the first read
+        assert times[4] - times[1] < 0.01  # then the four in one read
+    else:
+        assert times[4] - times[1] >= 0.06  # each as it arrived

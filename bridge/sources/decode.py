@@ -74,6 +74,9 @@ class SourceDecoder:
             fixed = self.type_template.render({})
             self.fixed_type = self.type_map.get(fixed, fixed)
         self.label_templates = {k: compile_template(v) for k, v in source.labels.items()}
+        # Most sources have a fixed type and no label templates: nothing to render per
+        # message, the event is complete as made.
+        self._plain = self.fixed_type is not None and not self.label_templates
         self._lwm2m: Any = None
         if source.format == "lwm2m-emqx":
             from .lwm2m import Lwm2mDecoder
@@ -93,7 +96,11 @@ class SourceDecoder:
         past a bound, or that trips a decoder bug) is one ``invalid`` event. ``oversize``
         is the size of a payload over ``mqtt.max_payload`` that was not kept."""
         device_id = captures.get("device_id")
-        labels = {k: v for k, v in captures.items() if k != "device_id"}
+        # Captures besides the device id become labels (most topics have none: no loop).
+        if len(captures) > (device_id is not None):
+            labels = {k: v for k, v in captures.items() if k != "device_id"}
+        else:
+            labels = {}
         received_at = iso_now()
         if oversize is not None:
             event = self._invalid(topic, b"", device_id, labels, received_at,
@@ -110,9 +117,11 @@ class SourceDecoder:
             error = f"{self.source.format} decoder failed: {type(exc).__name__}: {exc}"
             return [self._invalid(topic, payload, device_id, labels, received_at,
                                   error[:300])]
-        event = Event(type="", source=self.source.name, topic=topic, payload=decoded,
-                      device_id=device_id, labels=labels, received_at=received_at)
-        return [self._finish(event, payload)]
+        # A fixed type is the event's from the start (_finish would set it).
+        event = Event(type=self.fixed_type or "", source=self.source.name, topic=topic,
+                      payload=decoded, device_id=device_id, labels=labels,
+                      received_at=received_at)
+        return [event if self._plain else self._finish(event, payload)]
 
     def _lwm2m_events(self, topic: str, payload: bytes, device_id: str | None,
                       labels: dict[str, str], received_at: str) -> list[Event]:

@@ -109,8 +109,10 @@ class MqttSource:
     """Subscribes to ``filters`` and feeds every message to ``handler``."""
 
     def __init__(self, config: MQTTConfig, filters: list[tuple[str, int]],
-                 handler: Handler) -> None:
+                 handler: Handler, pace: float = 0.0) -> None:
         self.config = config
+        # Seconds the socket rests after a small read (Connection.pace), once subscribed.
+        self.pace = pace
         self.filters = filters
         self.handler = handler
         self.connected = asyncio.Event()
@@ -213,6 +215,7 @@ class MqttSource:
         log.info("mqtt connected", host=self.config.host, port=self.config.port,
                  client_id=self.config.client_id, subscriptions=len(self.filters))
         self.connected.set()
+        connection.pace = self.pace  # not before: the SUBACK must not wait
         if self.intake_paused:
             connection.pause_reading()
         for topic, payload in list(self._retained.items()):

@@ -29,6 +29,10 @@ from .mqtt_packets import Connack, Oversized, ProtocolError
 PublishHandler = Callable[[str, bytes, int, bool, int, "int | None"], None]
 
 
+# A read at least this large means more is waiting: pacing does not pause after it.
+PACE_BELOW = 64 * 1024
+
+
 class MqttError(Exception):
     """The connection failed, was refused or was lost."""
 
@@ -46,6 +50,10 @@ class Connection(asyncio.Protocol):
         self.closed: asyncio.Future[None] = self.loop.create_future()
         self.connack: asyncio.Future[Connack] = self.loop.create_future()
         self.reading_paused = False
+        # Seconds the socket rests after a small read (0: read as data arrives); see
+        # :meth:`data_received`. Set once subscribed (bridge.sources.mqtt).
+        self.pace = 0.0
+        self._pace_timer: asyncio.TimerHandle | None = None
         self.dup = False
         self._reader = packets.Reader(max_payload=max_payload, v5=v5)
         self._waiting: dict[int, asyncio.Future[list[int]]] = {}
@@ -64,6 +72,16 @@ class Connection(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
+        if self.pace and self._pace_timer is None and len(data) < PACE_BELOW:
+            # Pacing: at a low rate each message would cost the process a wake-up of its
+            # own (on a small gateway that costs more CPU than handling the message), yet
+            # its ack waits for the commit window anyway. So after a small read the socket
+            # rests for ``pace`` (a share of that window: bridge.store.INTAKE_SHARE) and
+            # the next read takes whatever arrived meanwhile. A large read means a high
+            # rate: reading goes on at once.
+            self._pace_timer = self.loop.call_later(self.pace, self._paced)
+            if not self.reading_paused and self.transport is not None:
+                self.transport.pause_reading()
         try:
             for first_byte, body in self._reader.feed(data):
                 if self.closed.done():
@@ -83,6 +101,11 @@ class Connection(asyncio.Protocol):
             self.fail(exc)
         except Exception as exc:  # a handler bug: drop the connection, nothing is acked
             self.fail(MqttError(f"message handling failed: {type(exc).__name__}: {exc}"))
+
+    def _paced(self) -> None:
+        self._pace_timer = None
+        if not self.reading_paused and self.transport is not None:
+            self.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         error = MqttError(f"connection lost: {exc}" if exc else "connection closed by the broker")
@@ -145,7 +168,8 @@ class Connection(asyncio.Protocol):
         if self.reading_paused and self.transport is not None:
             self.reading_paused = False
             self._resumed_at = self.loop.time()
-            self.transport.resume_reading()
+            if self._pace_timer is None:  # else the pace's end resumes
+                self.transport.resume_reading()
 
     # -- requests that wait for an answer -----------------------------------------------
 
@@ -220,6 +244,8 @@ class Connection(asyncio.Protocol):
     def _settle(self, error: MqttError) -> None:
         if self._timer is not None:
             self._timer.cancel()
+        if self._pace_timer is not None:
+            self._pace_timer.cancel()
         if not self.closed.done():
             self.closed.set_exception(error)
             self.closed.exception()  # retrieved: a lost connection is not an unhandled error

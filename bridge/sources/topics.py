@@ -2,13 +2,13 @@
 
 Owns turning a source's topic template into the MQTT subscription filter and matching a
 received topic against it, returning the captured levels. Pure and allocation-light: it
-runs once per message for every source.
+runs once per message for every source (one compiled regular expression, made once).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 _CAPTURE = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 
@@ -20,6 +20,10 @@ class TopicTemplate:
     levels: tuple[str | None, ...]  # literal level, or None for a wildcard level
     captures: tuple[tuple[int, str], ...]  # (level index, name)
     multi: bool  # ends in '#'
+    # The whole template as one regular expression (a level: [^/]*, '#': the rest), so a
+    # match is a single C call rather than a split and a loop over the levels.
+    pattern: re.Pattern[str] = field(compare=False, repr=False)
+    names: tuple[str, ...] = field(compare=False, repr=False)  # of the pattern's groups
 
     @classmethod
     def parse(cls, template: str) -> TopicTemplate:
@@ -27,6 +31,7 @@ class TopicTemplate:
         filter_levels: list[str] = []
         captures: list[tuple[int, str]] = []
         parts = template.split("/")
+        regex_levels: list[str] = []
         multi = False
         for index, level in enumerate(parts):
             capture = _CAPTURE.match(level)
@@ -34,9 +39,11 @@ class TopicTemplate:
                 captures.append((index, capture.group(1)))
                 levels.append(None)
                 filter_levels.append("+")
+                regex_levels.append("([^/]*)")
             elif level == "+":
                 levels.append(None)
                 filter_levels.append("+")
+                regex_levels.append("[^/]*")
             elif level == "#":
                 if index != len(parts) - 1:
                     raise ValueError("'#' must be the last level of a topic")
@@ -50,16 +57,19 @@ class TopicTemplate:
             else:
                 levels.append(level)
                 filter_levels.append(level)
-        return cls(template, "/".join(filter_levels), tuple(levels), tuple(captures), multi)
+                regex_levels.append(re.escape(level))
+        regex = "/".join(regex_levels)
+        if multi:  # 'a/#' matches 'a' and anything under it; '#' alone matches anything
+            regex = regex + "(?:/.*)?" if regex_levels else ".*"
+        return cls(template, "/".join(filter_levels), tuple(levels), tuple(captures), multi,
+                   re.compile(regex, re.DOTALL), tuple(name for _, name in captures))
 
     def match(self, topic: str) -> dict[str, str] | None:
         """The captured levels when ``topic`` matches this template, else None."""
-        parts = topic.split("/")
-        if len(parts) < len(self.levels) or (not self.multi and len(parts) != len(self.levels)):
+        found = self.pattern.fullmatch(topic)
+        if found is None:
             return None
-        if self.multi and parts and parts[0].startswith("$") and not self.levels:
+        if self.multi and not self.levels and topic.startswith("$"):
             return None  # MQTT: '#' alone does not match $SYS-style topics
-        for want, got in zip(self.levels, parts):
-            if want is not None and want != got:
-                return None
-        return {name: parts[index] for index, name in self.captures}
+        # Captures in level order: a name used twice keeps its last level.
+        return dict(zip(self.names, found.groups()))
