@@ -25,18 +25,31 @@ _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _PAIRS = [a + b for a in _CROCKFORD for b in _CROCKFORD]  # every 10-bit value
 INVALID = "invalid"
 
+# The random part of an id is made and incremented as text, not as an 80-bit integer
+# (each big-integer operation is an allocation, and an id took ~30 of them): a random
+# byte is one character (its low 5 bits), +1 changes the last character.
+_RANDOM_CHARS = bytes(ord(_CROCKFORD[b & 31]) for b in range(256))
+_LOW_HALF = {c: _CROCKFORD[i & 15] for i, c in enumerate(_CROCKFORD)}  # top bit cleared
+_NEXT_CHAR = {c: _CROCKFORD[i + 1] for i, c in enumerate(_CROCKFORD[:-1])}
+_AS_DIGITS = str.maketrans(_CROCKFORD, "0123456789abcdefghijklmnopqrstuv")  # for int(, 32)
+
 
 class _Ulid:
-    """Monotonic ULID generator (a second id in the same ms increments the random part)."""
+    """Monotonic ULID generator (a second id in the same ms increments the random part).
+
+    The 80-bit random part is kept as its 16 characters; a fresh one has its top bit clear
+    (room to increment), so 79 bits are random."""
 
     POOL = 64  # random parts fetched per getrandom() call: one system call per 64 ids
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._last_ms = -1
-        self._last_rand = 0
-        self._pool = b""  # POOL random parts of 10 bytes, taken in order
+        self._last_random = ""  # the last random part, 16 characters
+        self._pool = ""  # random characters for POOL random parts, taken in order
         self._taken = 0
+        # The first 7 characters of the time part, which change every 32.768 s.
+        self._head: tuple[int, str] = (-1, "")
 
     def new(self, now_ms: int | None = None, prefix: str = "") -> str:
         """``prefix`` + a ULID (the prefix joins the one concatenation: no second call)."""
@@ -44,28 +57,35 @@ class _Ulid:
         with self._lock:
             if ms <= self._last_ms:
                 ms = self._last_ms
-                rand = self._last_rand + 1
+                random = _increment(self._last_random)
             else:
                 taken = self._taken
                 if taken >= len(self._pool):
-                    self._pool, taken = os.urandom(10 * self.POOL), 0
-                self._taken = taken + 10
-                # 80 random bits, halved: room to increment.
-                rand = int.from_bytes(self._pool[taken:taken + 10], "big") >> 1
-            self._last_ms, self._last_rand = ms, rand
-        # 48-bit time then 80-bit random part, 10 bits (two characters) at a time.
-        pairs = _PAIRS
-        return (prefix + _CROCKFORD[ms >> 45] + pairs[(ms >> 35) & 1023]
-                + pairs[(ms >> 25) & 1023] + pairs[(ms >> 15) & 1023]
-                + pairs[(ms >> 5) & 1023] + pairs[((ms & 31) << 5) | (rand >> 75)]
-                + pairs[(rand >> 65) & 1023] + pairs[(rand >> 55) & 1023]
-                + pairs[(rand >> 45) & 1023] + pairs[(rand >> 35) & 1023]
-                + pairs[(rand >> 25) & 1023] + pairs[(rand >> 15) & 1023]
-                + pairs[(rand >> 5) & 1023] + _CROCKFORD[rand & 31])
+                    self._pool = os.urandom(16 * self.POOL).translate(_RANDOM_CHARS).decode()
+                    taken = 0
+                self._taken = taken + 16
+                random = _LOW_HALF[self._pool[taken]] + self._pool[taken + 1:taken + 16]
+            self._last_ms, self._last_random = ms, random
+        # 48-bit time (10 characters, 5 bits each) then the 80-bit random part.
+        key, head = self._head
+        if ms >> 15 != key:
+            head = (_CROCKFORD[ms >> 45] + _PAIRS[(ms >> 35) & 1023]
+                    + _PAIRS[(ms >> 25) & 1023] + _PAIRS[(ms >> 15) & 1023])
+            self._head = (ms >> 15, head)
+        return prefix + head + _PAIRS[(ms >> 5) & 1023] + _CROCKFORD[ms & 31] + random
 
     def forget_pool(self) -> None:
         """A forked child must not make the ids its parent makes from the same bytes."""
-        self._pool, self._taken = b"", 0
+        self._pool, self._taken = "", 0
+
+
+def _increment(random: str) -> str:
+    """A random part plus one."""
+    last = random[-1]
+    if last != "Z":
+        return random[:-1] + _NEXT_CHAR[last]
+    value = int(random.translate(_AS_DIGITS), 32) + 1  # a carry: once in 32
+    return "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(75, -1, -5))
 
 
 _ulid = _Ulid()
@@ -99,10 +119,13 @@ def iso_now(ts: float | None = None) -> str:
     if seconds != cached_second:  # formatting the date costs more than the message
         text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
         _second_text = (seconds, text)
-    return f"{text}.{int((ts - seconds) * 1000):03d}Z"
+    millis = int((ts - seconds) * 1000)
+    # The table rather than a format per message; 1000 when a tiny negative ts rounds up.
+    return text + (_MILLIS[millis] if millis < 1000 else f".{millis:03d}Z")
 
 
 _second_text: tuple[int, str] = (-1, "")
+_MILLIS = [f".{millis:03d}Z" for millis in range(1000)]
 
 
 @dataclass(slots=True)

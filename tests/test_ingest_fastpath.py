@@ -94,7 +94,7 @@ def _crockford(value: int, length: int) -> str:
 
 
 def test_ids_are_ulids_of_the_random_bytes_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
-    stream = random.Random(3).randbytes(10 * 200)
+    stream = random.Random(3).randbytes(16 * 200)
     taken = 0
 
     def urandom(n: int) -> bytes:
@@ -105,22 +105,36 @@ def test_ids_are_ulids_of_the_random_bytes_in_order(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(events_module.os, "urandom", urandom)
     ulid = events_module._Ulid()
     ms0 = 1_733_389_200_123
-    ids = [ulid.new(ms0 + i, "evt_") for i in range(100)]  # a new ms each: fresh random
+    ms = [ms0 + 40_000 * (i // 50) + i for i in range(100)]  # a new ms each: fresh random
+    ids = [ulid.new(m, "evt_") for m in ms]
+    rands = []
     for i, made in enumerate(ids):
-        rand = int.from_bytes(stream[10 * i:10 * i + 10], "big") >> 1
-        assert made == "evt_" + _crockford(((ms0 + i) << 80) | rand, 26)
-    # Within one ms the random part counts up (and a clock step back keeps the last ms).
-    same = [ulid.new(ms0 + 99) for _ in range(3)] + [ulid.new(ms0)]
-    last = int.from_bytes(stream[990:1000], "big") >> 1
-    assert same == [_crockford(((ms0 + 99) << 80) | (last + k), 26) for k in (1, 2, 3, 4)]
-    assert taken == 10 * events_module._Ulid.POOL * 2  # two fetches for 100 draws
+        chunk = stream[16 * i:16 * i + 16]
+        # 5 random bits a byte, 16 bytes; the top bit is clear (room to increment).
+        rand = sum((b & 31) << (5 * (15 - k)) for k, b in enumerate(chunk)) & ((1 << 79) - 1)
+        rands.append(rand)
+        assert made == "evt_" + _crockford((ms[i] << 80) | rand, 26)
+    assert taken == 16 * events_module._Ulid.POOL * 2  # two fetches for 100 draws
+    # Within one ms the random part counts up, across carries (and a clock step back
+    # keeps the last ms).
+    same = [ulid.new(ms[-1]) for _ in range(70)] + [ulid.new(ms0)]
+    assert same == [_crockford((ms[-1] << 80) | (rands[-1] + k), 26) for k in range(1, 72)]
+
+
+def test_increments_carry() -> None:
+    for text, after in [("0000000000000000", "0000000000000001"),
+                        ("000000000000000Z", "0000000000000010"),
+                        ("7ZZZZZZZZZZZZZZZ", "8000000000000000"),
+                        ("0123456789ABCDEZ", "0123456789ABCDF0"),
+                        ("ABCDEFGHJKMNPQRS", "ABCDEFGHJKMNPQRT")]:
+        assert events_module._increment(text) == after
 
 
 def test_a_forked_child_draws_new_random_bytes() -> None:
     ulid = events_module._ulid
     ulid.new()
     ulid.forget_pool()
-    assert ulid._pool == b"" and ulid._taken == 0
+    assert ulid._pool == "" and ulid._taken == 0
     assert len(ulid.new(None, "evt_")) == 30
 
 
@@ -215,3 +229,13 @@ def test_fork_hook_is_registered() -> None:
     assert os.read(read, 16) == b"0"
     os.close(read)
     os.close(write)
+
+
+@pytest.mark.parametrize(("ts", "text"), [
+    (1733389200.0, "2024-12-05T09:00:00.000Z"), (1733389200.1239, "2024-12-05T09:00:00.123Z"),
+    (1733389259.9995, "2024-12-05T09:00:59.999Z"), (0.0, "1970-01-01T00:00:00.000Z"),
+    (-1.5, "1969-12-31T23:59:58.500Z"),
+    (-1e-20, "1969-12-31T23:59:59.1000Z"),  # as the format gave it: 1 - 1e-20 == 1.0
+])
+def test_iso_now_exact_text(ts: float, text: str) -> None:
+    assert events_module.iso_now(ts) == text
