@@ -196,7 +196,7 @@ def decode_excerpt(body: bytes, encoding: str | None) -> str:
 # the number of field lines, and the Content-Type line for a non-empty body (or "").
 _HeadParts = tuple[str, str, frozenset[str], int, str]
 
-_HEADS: dict[bytes, tuple[int, str, str, Headers]] = {}  # see HEAD_MEMO_SIZE
+_HEADS: dict[bytes, _ParsedHead] = {}  # see HEAD_MEMO_SIZE
 
 # Parser states.
 _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILERS, _UNTIL_CLOSE, _DONE = range(8)
@@ -393,8 +393,8 @@ class ResponseParser:
         """Take a response head (status line and header fields); the state that comes
         next."""
         parsed = _HEADS.get(head) or _parse_head(head)
-        status, reason, version, headers = parsed
-        headers = headers.clone()  # the memo's copy stays as parsed
+        status = parsed.status
+        headers = parsed.headers.clone()  # the memo's copy stays as parsed
         if status < 200:
             if status == 101:
                 raise ProtocolError("unexpected 101 Switching Protocols")
@@ -403,30 +403,57 @@ class ResponseParser:
             self.response = Response(status, "", "", headers)
             self.response.interim = interim
             return _HEAD
-        response = Response(status, reason, version, headers)
+        response = Response(status, parsed.reason, parsed.version, headers)
         if self.response is not None:
             response.interim = self.response.interim
         self.response = response
-        lower = headers.lower
-        connection = lower.get("connection")
+        if self.head_only or status in (204, 304):
+            response.keep_alive = parsed.keep_alive
+            return self._finish()
+        state, response.keep_alive, self._remaining, self._give_up_at = (
+            parsed.framing or parsed.frame())
+        if state == _DONE:
+            return self._finish()
+        return state
+
+
+class _ParsedHead:
+    """A response head as parsed (and memoised by its bytes): what it says, and, worked
+    out on first use, how a body follows it (for any request but HEAD)."""
+
+    __slots__ = ("framing", "headers", "keep_alive", "reason", "status", "version")
+
+    def __init__(self, status: int, reason: str, version: str, headers: Headers) -> None:
+        self.status = status
+        self.reason = reason
+        self.version = version  # "1.1"
+        self.headers = headers
+        connection = headers.lower.get("connection")
         tokens = {t.strip() for t in connection.lower().split(",")} if connection else ()
         if version == "1.0":
-            response.keep_alive = "keep-alive" in tokens
+            self.keep_alive = "keep-alive" in tokens
         else:
-            response.keep_alive = "close" not in tokens
-        if self.head_only or status in (204, 304):
-            return self._finish()
+            self.keep_alive = "close" not in tokens
+        self.framing: tuple[int, bool, int, int] | None = None
+
+    def frame(self) -> tuple[int, bool, int, int]:
+        """The parser's state after the head, whether the connection may be reused, the
+        Content-Length and where draining gives up; raises :class:`ProtocolError` on a
+        bad Content-Length (not kept: the next response with this head raises too)."""
+        lower = self.headers.lower
+        keep_alive = self.keep_alive
+        give_up_at = EXCERPT + MAX_DRAIN
         transfer = lower.get("transfer-encoding")
         length = lower.get("content-length")
         if transfer is not None:
             if length is not None:
                 # Both is how request smuggling starts: trust chunked, never reuse.
-                response.keep_alive = False
+                keep_alive = False
             if transfer.rsplit(",", 1)[-1].strip().lower() == "chunked":
-                return _CHUNK_SIZE
-            response.keep_alive = False
-            return _UNTIL_CLOSE
-        if length is not None:
+                self.framing = (_CHUNK_SIZE, keep_alive, 0, give_up_at)
+            else:
+                self.framing = (_UNTIL_CLOSE, False, 0, give_up_at)
+        elif length is not None:
             value = length.strip()
             if "," in value:  # a repeated header; allowed only when all copies agree
                 copies = {v.strip() for v in value.split(",")}
@@ -435,27 +462,27 @@ class ResponseParser:
             # string costs time): a protocol error, like a sign or a non-digit.
             if not value.isdigit() or not value.isascii() or len(value) > 19:
                 raise ProtocolError(f"bad Content-Length {length[:40]!r}")
-            self._remaining = int(value)
-            if self._remaining == 0:
-                return self._finish()
-            if self._remaining > EXCERPT + MAX_DRAIN:
+            remaining = int(value)
+            if remaining > EXCERPT + MAX_DRAIN:
                 # Too big to drain: take the excerpt, then close rather than read on.
-                response.keep_alive = False
-                self._give_up_at = EXCERPT
-            return _LENGTH
-        response.keep_alive = False
-        return _UNTIL_CLOSE
+                keep_alive = False
+                give_up_at = EXCERPT
+            self.framing = (_LENGTH if remaining else _DONE, keep_alive, remaining,
+                            give_up_at)
+        else:
+            self.framing = (_UNTIL_CLOSE, False, 0, give_up_at)
+        return self.framing
 
 
-def _parse_head(head: bytes) -> tuple[int, str, str, Headers]:
-    """Status, reason, HTTP minor version ("1.1") and header fields of a response head;
-    raises :class:`ProtocolError` when it is malformed. A small head is memoised."""
+def _parse_head(head: bytes) -> _ParsedHead:
+    """A response head parsed; raises :class:`ProtocolError` when it is malformed. A small
+    head is memoised."""
     lines = head.decode("latin-1").split("\r\n")
     status_line = lines[0]
     if _STATUS_LINE.match(status_line) is None:
         raise ProtocolError(f"bad status line {status_line[:60]!r}")
-    parsed = (int(status_line[9:12]), status_line[13:], status_line[5:8],
-              _parse_fields(lines[1:]))
+    parsed = _ParsedHead(int(status_line[9:12]), status_line[13:], status_line[5:8],
+                         _parse_fields(lines[1:]))
     if len(head) <= HEAD_MEMO_BYTES:
         if len(_HEADS) >= HEAD_MEMO_SIZE:
             _HEADS.clear()

@@ -174,6 +174,31 @@ def test_memo_does_not_carry_over_what_depends_on_the_request() -> None:
         assert (parser.response.interim, parser.response.status) == (2, 200)
 
 
+DRAIN = 1024 + 1024 * 1024  # excerpt + MAX_DRAIN: where draining a body gives up
+
+
+@pytest.mark.parametrize("raw, framing, keep_alive, body", [
+    (AIOHTTP_OK, (http1._LENGTH, True, 16, DRAIN), True, b'{"status": "ok"}'),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", (http1._DONE, True, 0, DRAIN),
+     True, b""),
+    (b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok", (http1._LENGTH, False, 2, DRAIN),
+     False, b"ok"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 2000000\r\n\r\n" + b"x" * 1100,
+     (http1._LENGTH, False, 2000000, 1024), False, b"x" * 1024),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n"
+     b"3\r\nabc\r\n0\r\n\r\n", (http1._CHUNK_SIZE, False, 0, DRAIN), False, b"abc"),
+])
+def test_memoised_framing_is_exact_and_reused(raw: bytes, framing: tuple[int, bool, int, int],
+                                              keep_alive: bool, body: bytes) -> None:
+    head = raw[:raw.index(b"\r\n\r\n")]
+    for _ in range(2):  # parsed, then from the memo
+        parser = http1.ResponseParser()
+        assert parser.feed(raw)
+        assert parser.response is not None
+        assert (parser.response.keep_alive, parser.response.body) == (keep_alive, body)
+        assert http1._HEADS[head].framing == framing
+
+
 # -- generated responses: one read == pieces == byte by byte, memo cold == warm -------
 
 STATUS_LINES = [b"HTTP/1.1 200 OK", b"HTTP/1.0 200 OK", b"HTTP/1.1 204 No Content",
