@@ -1,6 +1,7 @@
 """Microbenchmark of the ingest path alone: CPU and Python calls per MQTT message.
 
-    python bench/ingest_micro.py [--messages N] [--repeat R] [--profile] [--root DIR]
+    python bench/ingest_micro.py [--messages N] [--repeat R] [--profile] [--gap MS]
+                                 [--root DIR]
 
 Runs :meth:`bridge.ingest.Ingest.take` on ``N`` typical messages of ``bench/run.py`` (a
 ~200-byte JSON payload on ``bench/dev-{k}/data`` for 10 known devices, QoS 1, source
@@ -11,6 +12,9 @@ message to the store's enqueue is measured (no commit, no thread, no wake-up): e
 ``GROUP`` messages (one commit's worth at 30 msg/s) are committed, untimed.
 ``time.process_time`` per message, one figure per round, and the median and spread over
 the rounds.
+
+``--gap MS`` sleeps before each message (not timed): every message starts a new
+millisecond (a fresh id) after the CPU did something else, as at 30 msg/s.
 
 ``--profile`` runs one more round under cProfile and prints the calls per message and
 the functions of the path. ``--root DIR`` imports ``bridge`` from another checkout (an
@@ -81,10 +85,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         async def take(batch: list[Any]) -> float:
             spent = 0.0
             for at in range(0, len(batch), GROUP):
-                start = time.process_time()
-                for message in batch[at:at + GROUP]:
-                    future = ingest.take(message)
-                spent += time.process_time() - start
+                if args.gap:  # each message on its own, as at a low rate
+                    for message in batch[at:at + GROUP]:
+                        time.sleep(args.gap / 1000)
+                        start = time.process_time()
+                        future = ingest.take(message)
+                        spent += time.process_time() - start
+                else:
+                    start = time.process_time()
+                    for message in batch[at:at + GROUP]:
+                        future = ingest.take(message)
+                    spent += time.process_time() - start
                 await commit(future)
             return spent
 
@@ -122,6 +133,9 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=5000)
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--gap", type=float, default=0.0,
+                        help="ms slept before each message (untimed): a new millisecond, "
+                             "cold caches, as at a low rate")
     parser.add_argument("--root", default=str(Path(__file__).resolve().parent.parent))
     args = parser.parse_args()
     sys.path.insert(0, args.root)
