@@ -73,6 +73,18 @@ def test_publish_with_properties_is_parsed_past_them() -> None:
         packets.parse_publish(0x36, body, True)  # QoS 3 does not exist
 
 
+@pytest.mark.parametrize(("first", "body", "v5"), [
+    (0x32, b"\x00\x03a/b", True),  # QoS 1: no packet id
+    (0x32, b"\x00\x03a/b\x00", False),  # half a packet id
+    (0x32, b"\x00\x03a/b\x00\x07", True),  # MQTT 5: no properties length
+    (0x30, b"\x00\x03a/b", True),  # QoS 0, MQTT 5: no properties length
+    (0x30, b"\x00\x09a/b", False),  # the topic runs past the packet
+])
+def test_a_truncated_publish_is_a_protocol_error(first: int, body: bytes, v5: bool) -> None:
+    with pytest.raises(packets.ProtocolError, match="truncated PUBLISH"):
+        packets.parse_publish(first, body, v5)
+
+
 def test_connect_bytes_v311_and_v5() -> None:
     v311 = packets.connect("cid", v5=False, keepalive=30, clean_start=False,
                            username="u", password="p")

@@ -371,6 +371,9 @@ def parse_publish(first_byte: int, body: bytes, v5: bool
         topic = body[2:offset].decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ProtocolError("PUBLISH topic is not UTF-8") from exc
+    # The packet id (QoS >= 1) and the properties length (MQTT 5) must be there.
+    if offset + (2 if qos else 0) + (1 if v5 else 0) > len(body):
+        raise ProtocolError("truncated PUBLISH")
     mid = 0
     if qos:
         mid = (body[offset] << 8) | body[offset + 1]
