@@ -312,7 +312,11 @@ class Bridge:
                 if time.monotonic() - pruned_at >= PRUNE_EVERY:
                     pruned_at = time.monotonic()
                     await self.prune_dead_letters()
-                await self._follow_store()
+                try:  # on its own: a failure here must not stop the rest of the watch
+                    await self._follow_store()
+                except Exception as exc:
+                    log.error("following the store failed",
+                              cause=f"{type(exc).__name__}: {exc}")
                 await self._record_in_flight()
                 self._record_wear()
                 if self._config_files() != self._files_seen:

@@ -425,3 +425,23 @@ async def test_a_paced_connection_takes_a_trickle_in_one_read(
         assert times[4] - times[1] < 0.01  # then the four in one read
     else:
         assert times[4] - times[1] >= 0.06  # each as it arrived
+
+
+@pytest.mark.parametrize(("keepalive", "pace"), [(2, 0.5), (60, 10.0)])
+async def test_the_pace_stays_under_a_quarter_of_the_keepalive(
+        mosquitto: Mosquitto, keepalive: int, pace: float) -> None:
+    """A long commit window must not make the bridge miss its broker's PINGRESP."""
+    from bridge.config import MQTTConfig
+    from bridge.sources.mqtt import MqttSource
+
+    source = MqttSource(MQTTConfig(port=mosquitto.port, client_id="pace", keepalive=keepalive),
+                        [("t/#", 1)], lambda m: asyncio.get_running_loop().create_future(),
+                        pace=10.0)
+    task = source.start()
+    try:
+        await wait_for(lambda: source._connection is not None and source._connection.pace > 0,
+                       10, "subscribed")
+        assert source._connection is not None and source._connection.pace == pace
+    finally:
+        await source.stop()
+        task.cancel()

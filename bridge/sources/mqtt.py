@@ -215,7 +215,10 @@ class MqttSource:
         log.info("mqtt connected", host=self.config.host, port=self.config.port,
                  client_id=self.config.client_id, subscriptions=len(self.filters))
         self.connected.set()
-        connection.pace = self.pace  # not before: the SUBACK must not wait
+        # Not before: the SUBACK must not wait. At most a quarter of the keepalive, so a
+        # PINGRESP is read long before the connection would be given up for lack of one.
+        keepalive = connection.keepalive
+        connection.pace = min(self.pace, keepalive / 4) if keepalive > 0 else self.pace
         if self.intake_paused:
             connection.pause_reading()
         for topic, payload in list(self._retained.items()):
